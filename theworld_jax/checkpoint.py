@@ -1,0 +1,84 @@
+"""Orbax save and restore of model parameters, and atomic checkpoint directories.
+
+Parameters are saved as a flat {param path: array} tree. Restoring takes the abstract model (from
+nnx.eval_shape, optionally with shardings) and reads every array straight onto its target dtype and
+sharding, never through a full host copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from theworld_jax.weights.loader import abstract_params, param_path
+from theworld_jax.weights.safetensors_io import CheckpointError
+
+PARAMS_DIR = "params"
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str) -> Iterator[str]:
+    """Yield a temporary sibling of `target`; on success it replaces `target`, on error it is removed."""
+    target = os.path.abspath(target)
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    backup = None
+    if os.path.exists(target):
+        backup = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
+        os.rmdir(backup)
+        os.replace(target, backup)
+    os.replace(tmp, target)
+    if backup:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def save_params(model: nnx.Module, directory: str) -> None:
+    """Write the model's nnx.Param arrays under `directory`/params (the directory must not exist)."""
+    flat = {param_path(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.join(os.path.abspath(directory), PARAMS_DIR), flat)
+        checkpointer.wait_until_finished()
+
+
+def restore_params(abstract_model: nnx.Module, directory: str) -> nnx.Module:
+    """A concrete copy of `abstract_model` with the parameters saved by `save_params` in `directory`."""
+    path = os.path.join(os.path.abspath(directory), PARAMS_DIR)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"no Orbax parameter checkpoint at {path!r}")
+    targets = abstract_params(abstract_model)
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding or default)
+                for k, v in targets.items()}
+    with ocp.StandardCheckpointer() as checkpointer:
+        stored = checkpointer.metadata(path)
+        stored_tree = getattr(stored, "item_metadata", stored)
+        stored_tree = getattr(stored_tree, "tree", stored_tree)
+        missing = sorted(set(abstract) - set(stored_tree))
+        unexpected = sorted(set(stored_tree) - set(abstract))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"checkpoint {path!r} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for key, meta in stored_tree.items():
+            if tuple(meta.shape) != tuple(abstract[key].shape):
+                raise CheckpointError(
+                    f"parameter {key!r} has shape {tuple(meta.shape)} in the checkpoint, the model expects "
+                    f"{tuple(abstract[key].shape)}")
+        restored = checkpointer.restore(path, abstract)
+    graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
+    flat = nnx.to_flat_state(params)
+    for p, var in flat:
+        var.set_value(restored[param_path(p)])
+    return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
