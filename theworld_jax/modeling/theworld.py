@@ -1,0 +1,82 @@
+"""TheWorldModel: Gemma 3 + the Cosmos VAE encoder + the world projector, as one NNX module.
+
+`forward` is traceable (no host work): the caller prepares the VAE input and injects the world tokens
+on the host (theworld_jax.fusion), then runs this under jit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from theworld_jax.config.gemma3 import Gemma3Config
+from theworld_jax.config.theworld import TheWorldConfig
+from theworld_jax.config.wan_vae import WanVAEConfig
+from theworld_jax.modeling.cosmos_vae import CosmosVAE
+from theworld_jax.modeling.fusion import causal_lm_loss, splice_world
+from theworld_jax.modeling.gemma3 import Gemma3Model
+from theworld_jax.modeling.world_projector import WorldProjector, latents_to_tokens, projector_in_features
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ForwardOutput:
+    """logits (B, L_out, V) float32; loss () when labels were given; the fused attention_mask (B, L_out)."""
+
+    logits: jax.Array
+    loss: jax.Array | None = None
+    attention_mask: jax.Array | None = None
+
+
+class TheWorldModel(nnx.Module):
+    """The fused network. `vae` and `world_projector` are None when the world branch is disabled."""
+
+    def __init__(self, gemma: Gemma3Model, vae: CosmosVAE | None, world_projector: WorldProjector | None):
+        self.gemma = gemma
+        self.vae = vae
+        self.world_projector = world_projector
+
+    @classmethod
+    def create(cls, config: TheWorldConfig, gemma_config: Gemma3Config, vae_config: WanVAEConfig | None, *,
+               dtype, rngs: nnx.Rngs) -> TheWorldModel:
+        """A randomly initialised model of the given configs (use under nnx.eval_shape for loading)."""
+        gemma = Gemma3Model(gemma_config, dtype=dtype, rngs=rngs)
+        if not config.enable_world:
+            return cls(gemma, None, None)
+        vae = CosmosVAE(vae_config, dtype=dtype, rngs=rngs)
+        projector = make_world_projector(config, gemma_config, vae_config, dtype=dtype, rngs=rngs)
+        return cls(gemma, vae, projector)
+
+    def world_embeddings(self, video: jax.Array, mode: str) -> jax.Array:
+        """video (B, T, H, W, 3) as the VAE expects it -> world tokens (B, N, D) in the LM dtype."""
+        latents = self.vae.encode_mean(video.astype(self.vae.dtype))
+        return self.world_projector(latents_to_tokens(latents, mode))
+
+    def forward(self, input_ids, attention_mask, *, pixel_values=None, token_type_ids=None, labels=None,
+                video=None, position_ids=None, config: TheWorldConfig) -> ForwardOutput:
+        """input_ids/attention_mask (B, L) (world tokens already injected on the host when video is given)."""
+        embeds = self.gemma.embed_inputs(input_ids, pixel_values)
+        if video is not None:
+            world = self.world_embeddings(video, config.world_projection_mode).astype(embeds.dtype)
+            fused = splice_world(embeds, input_ids, attention_mask, token_type_ids, labels, world,
+                                 sow_id=config.sow_token_id, world_attention=config.world_attention)
+            embeds, attention_mask = fused.embeds, fused.attention_mask
+            token_type_ids, labels = fused.token_type_ids, fused.labels
+            positions = fused.positions if position_ids is None else position_ids
+        else:
+            positions = position_ids
+        logits = self.gemma.decode_embeds(embeds, attention_mask, token_type_ids, positions)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return ForwardOutput(logits=logits, loss=loss, attention_mask=attention_mask)
+
+
+def make_world_projector(config: TheWorldConfig, gemma_config: Gemma3Config, vae_config: WanVAEConfig, *,
+                         dtype, rngs: nnx.Rngs) -> WorldProjector:
+    """The projector from VAE latent tokens to the LM width, sized by the projection mode."""
+    in_features = projector_in_features(config.world_projection_mode, vae_config.z_dim,
+                                        config.vae_image_size, vae_config.spatial_factor)
+    return WorldProjector(in_features, gemma_config.text.hidden_size, config.projection_architecture,
+                          dtype=dtype, rngs=rngs)
