@@ -1,0 +1,133 @@
+"""The Gemma 3 text decoder (transformers' Gemma3TextModel + tied lm_head), in Flax NNX.
+
+Parameters keep their HuggingFace values (unscaled embedding, raw (1 + w) norm weights) in the model's
+own axis order: q (D,N,H), k/v (D,K,H), o (N,H,D), gate/up (D,F), down (F,D), embedding (V,D).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from theworld_jax.attention import AttentionMask, dot_product_attention
+from theworld_jax.config.gemma3 import Gemma3TextConfig, RopeConfig
+from theworld_jax.modeling.kv_cache import KVCache, LayerCache, cached_attention
+from theworld_jax.modeling.layers import Einsum, Embedding, GatedMLP, RMSNorm, apply_rope, rope_tables
+
+
+class Gemma3Attention(nnx.Module):
+    """Self-attention of one layer: q/k/v projections, q/k RMSNorm, RoPE, GQA, output projection."""
+
+    def __init__(self, config: Gemma3TextConfig, layer: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, n, kv, h = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Einsum((d, n, h), fan_in=d, **kw)
+        self.k_proj = Einsum((d, kv, h), fan_in=d, **kw)
+        self.v_proj = Einsum((d, kv, h), fan_in=d, **kw)
+        self.o_proj = Einsum((n, h, d), fan_in=n * h, **kw)
+        self.q_norm = RMSNorm(h, eps=config.rms_norm_eps, param_dtype=param_dtype)
+        self.k_norm = RMSNorm(h, eps=config.rms_norm_eps, param_dtype=param_dtype)
+        self.window = config.window(layer)
+        self.scale = config.query_scale
+
+    def __call__(self, x, rope: tuple[jax.Array, jax.Array], mask: AttentionMask, cache: LayerCache | None,
+                 prefilled: bool, implementation: str) -> tuple[jax.Array, LayerCache | None]:
+        """x (B,T,D), rope (cos, sin) (B,T,H) -> ((B,T,D), updated cache or None)."""
+        cos, sin = rope
+        q = apply_rope(self.q_norm(self.q_proj("BTD,DNH->BTNH", x)), cos, sin)
+        k = apply_rope(self.k_norm(self.k_proj("BSD,DKH->BSKH", x)), cos, sin)
+        v = self.v_proj("BSD,DKH->BSKH", x)
+        kw = dict(window=self.window, scale=self.scale, implementation=implementation)
+        if cache is None:
+            out = dot_product_attention(q, k, v, mask, **kw)
+        else:
+            out, cache = cached_attention(cache, prefilled, q, k, v, mask, **kw)
+        return self.o_proj("BTNH,NHD->BTD", out), cache
+
+
+class Gemma3DecoderLayer(nnx.Module):
+    """x += post_attn_norm(attn(input_norm(x))); x += post_ffw_norm(mlp(pre_ffw_norm(x)))."""
+
+    def __init__(self, config: Gemma3TextConfig, layer: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = Gemma3Attention(config, layer, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = GatedMLP(d, config.intermediate_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(d, eps=eps, param_dtype=param_dtype)
+        self.post_attention_layernorm = RMSNorm(d, eps=eps, param_dtype=param_dtype)
+        self.pre_feedforward_layernorm = RMSNorm(d, eps=eps, param_dtype=param_dtype)
+        self.post_feedforward_layernorm = RMSNorm(d, eps=eps, param_dtype=param_dtype)
+
+    def __call__(self, x, rope, mask, cache, prefilled, implementation):
+        attn, cache = self.self_attn(self.input_layernorm(x), rope, mask, cache, prefilled, implementation)
+        x = x + self.post_attention_layernorm(attn)
+        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return x, cache
+
+
+class Gemma3TextDecoder(nnx.Module):
+    """Embedding, decoder layers, final norm and tied output head of Gemma 3.
+
+    `dtype` is the compute dtype (and the parameter dtype unless `param_dtype` is given); norms, RoPE
+    tables, attention logits and softmax are computed in float32.
+    """
+
+    def __init__(self, config: Gemma3TextConfig, *, dtype=jnp.float32, param_dtype=None, rngs: nnx.Rngs):
+        param_dtype = dtype if param_dtype is None else param_dtype
+        self.config = config
+        self.dtype = dtype
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype,
+                                      param_dtype=param_dtype, rngs=rngs)
+        self.layers = nnx.List([
+            Gemma3DecoderLayer(config, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """input_ids (B, L) -> W[ids] * sqrt(D) (B, L, D) in `dtype` (the scale rounded to `dtype` first)."""
+        return self.embed_tokens(input_ids, self.config.embed_scale)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden (B, L, D) after the final norm -> (B, L, V) float32, through the tied embedding."""
+        return self.embed_tokens.attend(hidden)
+
+    def __call__(self, embeds: jax.Array, *, positions: jax.Array, mask: AttentionMask,
+                 cache: KVCache | None = None, implementation: str = "xla") -> tuple[jax.Array, KVCache | None]:
+        """embeds (B, L, D) (text tokens already scaled), positions (B, L) int RoPE positions, `mask` over
+        these L tokens (and, without a cache, as keys too) -> (hidden (B, L, D) after the final norm,
+        the cache with these tokens stored, or None)."""
+        self._check_inputs(embeds, positions, mask, cache)
+        x = embeds.astype(self.dtype)
+        ropes: dict[RopeConfig, tuple[jax.Array, jax.Array]] = {}
+        new_layers = []
+        for i, layer in enumerate(self.layers):
+            rope = self.config.rope_for(i)
+            if rope not in ropes:
+                ropes[rope] = rope_tables(positions, rope, self.config.head_dim, self.dtype)
+            layer_cache = None if cache is None else cache.layers[i]
+            prefilled = cache is not None and cache.prefilled
+            x, layer_cache = layer(x, ropes[rope], mask, layer_cache, prefilled, implementation)
+            new_layers.append(layer_cache)
+        hidden = self.norm(x)
+        new_cache = None if cache is None else KVCache(layers=tuple(new_layers), prefilled=True)
+        return hidden, new_cache
+
+    def _check_inputs(self, embeds, positions, mask: AttentionMask, cache: KVCache | None) -> None:
+        cfg = self.config
+        if embeds.ndim != 3 or embeds.shape[-1] != cfg.hidden_size:
+            raise ValueError(f"embeds must be (batch, length, {cfg.hidden_size}), got shape {embeds.shape}")
+        b, length = embeds.shape[:2]
+        if b == 0 or length == 0:
+            raise ValueError(f"embeds is empty: shape {embeds.shape}")
+        if positions.shape != (b, length):
+            raise ValueError(f"positions has shape {positions.shape}, expected {(b, length)}")
+        if mask.q_index.shape != (b, length) or mask.q_block.shape != (b, length):
+            raise ValueError(f"the mask's queries have shape {mask.q_index.shape}, expected {(b, length)}")
+        if cache is None and mask.k_index.shape != (b, length):
+            raise ValueError(f"without a KV cache the keys are the {length} input tokens, but the mask's keys "
+                             f"have shape {mask.k_index.shape}")
+        if cache is not None:
+            if len(cache.layers) != cfg.num_hidden_layers:
+                raise ValueError(f"the KV cache has {len(cache.layers)} layers, the model {cfg.num_hidden_layers}")
+            if cache.layers[0].index.shape[0] != b:
+                raise ValueError(f"the KV cache is for batch {cache.layers[0].index.shape[0]}, the input has {b}")

@@ -1,0 +1,110 @@
+"""Static-shape KV cache for the Gemma 3 decoder, with ring buffers on sliding-window layers.
+
+Each layer keeps k, v (B, S_l, K, H) (after k_norm and RoPE) and `index` (B, S_l) int32: the sequence
+index of the token in each slot, or -1 for an empty slot or a padding token (so `index >= 0` is the
+key's validity). Full layers have S_l = max_length slots; sliding layers S_l = min(window, max_length),
+used as a ring: the token with index i lives in slot i % S_l. Indices must stay below max_length.
+
+Every call hands the decoder an `AttentionMask` describing only the T new tokens (q fields and k
+fields alike, e.g. from `make_attention_mask` for a prompt or `make_decode_mask` for new tokens);
+the cache adds the keys it holds. New tokens must come after every cached one. Three cases:
+- prefill (`prefilled` is False, a static field): attend over the new tokens alone, then store them
+  (on sliding layers only the last S_l indices survive);
+- one new token: write it into its slot first, then attend over the whole cache (no copy);
+- several new tokens (chunked prefill): attend over [cached keys; new keys], then store.
+Bidirectional blocks act among the new tokens of one call; cached keys carry no block.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from theworld_jax.attention import AttentionMask, dot_product_attention
+from theworld_jax.config.gemma3 import Gemma3TextConfig
+
+
+@struct.dataclass
+class LayerCache:
+    """One layer's keys and values. k, v (B, S, K, H); index (B, S) int32, -1 = no valid token."""
+
+    k: jax.Array
+    v: jax.Array
+    index: jax.Array
+
+    @property
+    def slots(self) -> int:
+        return self.index.shape[1]
+
+    def write(self, k: jax.Array, v: jax.Array, index: jax.Array, valid: jax.Array) -> LayerCache:
+        """Store T tokens (k, v (B,T,K,H), index/valid (B,T)) at slots index % S; when T > S, only the
+        last S indices of each row are kept. Invalid tokens are stored with index -1."""
+        slots = self.slots
+        newest = jnp.max(index, axis=1, keepdims=True)
+        slot = jnp.where(index > newest - slots, index % slots, slots)  # out of range: dropped
+        stored = jnp.where(valid, index, -1).astype(jnp.int32)
+
+        def put(buffer, where, values):
+            return buffer.at[where].set(values.astype(buffer.dtype), mode="drop")
+
+        return LayerCache(k=jax.vmap(put)(self.k, slot, k), v=jax.vmap(put)(self.v, slot, v),
+                          index=jax.vmap(put)(self.index, slot, stored))
+
+    def key_mask(self, mask: AttentionMask) -> AttentionMask:
+        """The queries of `mask` against this cache's slots."""
+        return AttentionMask(q_index=mask.q_index, k_index=self.index, k_valid=self.index >= 0,
+                             q_block=mask.q_block, k_block=jnp.zeros_like(self.index))
+
+
+@struct.dataclass
+class KVCache:
+    """Per-layer caches; `prefilled` (static) is False until the first call has stored tokens."""
+
+    layers: tuple[LayerCache, ...]
+    prefilled: bool = struct.field(pytree_node=False, default=False)
+
+    @classmethod
+    def init(cls, config: Gemma3TextConfig, batch: int, max_length: int, dtype=jnp.bfloat16) -> KVCache:
+        """An empty cache for sequences of up to `max_length` tokens (prompt included)."""
+        if batch < 1 or max_length < 1:
+            raise ValueError(f"a KV cache needs batch >= 1 and max_length >= 1, got {batch} and {max_length}")
+        layers = []
+        for i in range(config.num_hidden_layers):
+            window = config.window(i)
+            slots = max_length if window is None else min(window, max_length)
+            shape = (batch, slots, config.num_key_value_heads, config.head_dim)
+            layers.append(LayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                                     index=jnp.full((batch, slots), -1, jnp.int32)))
+        return cls(layers=tuple(layers), prefilled=False)
+
+    def slot_counts(self) -> tuple[int, ...]:
+        return tuple(layer.slots for layer in self.layers)
+
+
+def cached_attention(cache: LayerCache, prefilled: bool, q: jax.Array, k: jax.Array, v: jax.Array,
+                     mask: AttentionMask, *, window: int | None, scale: float,
+                     implementation: str = "xla") -> tuple[jax.Array, LayerCache]:
+    """Attention of T new tokens through one layer's cache. q (B,T,N,H), k/v (B,T,K,H), `mask` over
+    the new tokens only -> (out (B,T,N,H), the cache with the new tokens stored)."""
+    t = q.shape[1]
+    if mask.k_index.shape != (q.shape[0], t):
+        raise ValueError(f"with a KV cache the mask's keys must be the {t} new tokens, got k_index of shape "
+                         f"{mask.k_index.shape}; build it with make_attention_mask or make_decode_mask")
+    kw = dict(window=window, scale=scale, implementation=implementation)
+    if not prefilled:
+        out = dot_product_attention(q, k, v, mask, **kw)
+        return out, cache.write(k, v, mask.k_index, mask.k_valid)
+    if t == 1:
+        cache = cache.write(k, v, mask.k_index, mask.k_valid)
+        return dot_product_attention(q, cache.k, cache.v, cache.key_mask(mask), **kw), cache
+    held = cache.key_mask(mask)
+    joint = AttentionMask(
+        q_index=mask.q_index, q_block=mask.q_block,
+        k_index=jnp.concatenate([held.k_index, mask.k_index], axis=1),
+        k_valid=jnp.concatenate([held.k_valid, mask.k_valid], axis=1),
+        k_block=jnp.concatenate([held.k_block, mask.k_block], axis=1))
+    keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1)
+    values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1)
+    out = dot_product_attention(q, keys, values, joint, **kw)
+    return out, cache.write(k, v, mask.k_index, mask.k_valid)

@@ -1,0 +1,98 @@
+"""Gemma building blocks: (1 + w) RMSNorm, einsum projections, rotary embedding, gated MLP.
+
+Weights are stored in `param_dtype` and used in `dtype`; shapes are in the model's own axis order.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from theworld_jax.config.gemma3 import RopeConfig
+
+
+class RMSNorm(nnx.Module):
+    """Gemma RMSNorm over the last axis: x * rsqrt(mean(x^2) + eps) * (1 + weight), in float32.
+
+    `weight` (D,) is the raw HuggingFace value (zero-initialised); the result has x's dtype.
+    """
+
+    def __init__(self, dim: int, *, eps: float, param_dtype=jnp.float32):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.zeros((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+
+
+class Einsum(nnx.Module):
+    """A bias-free projection with a `kernel` of any shape, applied by a named einsum.
+
+    `fan_in` is the number of input features (for the initialiser's scale).
+    """
+
+    def __init__(self, shape: tuple[int, ...], *, fan_in: int, dtype, param_dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        std = fan_in ** -0.5
+        self.kernel = nnx.Param(std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, param_dtype))
+
+    def __call__(self, equation: str, x: jax.Array) -> jax.Array:
+        return jnp.einsum(equation, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+
+
+class Embedding(nnx.Module):
+    """Token embedding `embedding` (V, D), unscaled as in the checkpoint; also the tied output head."""
+
+    def __init__(self, vocab_size: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.embedding = nnx.Param(0.02 * jax.random.normal(rngs.params(), (vocab_size, dim), param_dtype))
+
+    def __call__(self, ids: jax.Array, scale: float) -> jax.Array:
+        """ids (B, L) -> W[ids] * scale (B, L, D); the scale is rounded to float32 then to `dtype`."""
+        table = self.embedding[...]
+        rows = jnp.take(table, ids, axis=0).astype(self.dtype)
+        return rows * jnp.asarray(np.float32(scale), self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """x (B, L, D) -> x @ W^T (B, L, V), computed in `dtype`, returned in float32."""
+        return jnp.einsum("BLD,VD->BLV", x.astype(self.dtype), self.embedding[...].astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    """(head_dim // 2,) float32 inverse frequencies, computed as transformers does (float32, / factor)."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    inv = np.float32(1.0) / (np.float32(rope.theta) ** exponents)
+    return (inv / np.float32(rope.factor)).astype(np.float32)
+
+
+def rope_tables(positions: jax.Array, rope: RopeConfig, head_dim: int, dtype) -> tuple[jax.Array, jax.Array]:
+    """positions (B, L) int -> (cos, sin), each (B, L, head_dim), computed in float32, cast to dtype."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(rope, head_dim))
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Half-split rotation. x (B, L, N, H), cos/sin (B, L, H) -> (B, L, N, H)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+class GatedMLP(nnx.Module):
+    """down(gelu_tanh(x @ gate) * (x @ up)). gate/up kernels (D, F), down (F, D)."""
+
+    def __init__(self, dim: int, hidden: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Einsum((dim, hidden), fan_in=dim, **kw)
+        self.up_proj = Einsum((dim, hidden), fan_in=dim, **kw)
+        self.down_proj = Einsum((hidden, dim), fan_in=hidden, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = jax.nn.gelu(self.gate_proj("BLD,DF->BLF", x), approximate=True)
+        return self.down_proj("BLF,FD->BLD", gate * self.up_proj("BLD,DF->BLF", x))
