@@ -10,22 +10,17 @@ from PIL import Image
 
 import theworld_reference as ref
 from tiny_gemma import build_processor, build_tiny_gemma3
+from tiny_vae import TINY_CONFIGS, randomize
 
 VAE_SIZE = (32, 32)  # -> 4x4 latents: 16 world tokens in spatial mode
 Z_DIM = 4
 
 
 def build_vae(seed=0):
-    """A tiny float32 AutoencoderKLWan with its RMS-norm gammas re-randomised (ones at init)."""
+    """The tiny Cosmos-like AutoencoderKLWan (spatial factor 8, z_dim 4), randomised, float32."""
     from diffusers import AutoencoderKLWan
 
-    torch.manual_seed(seed)
-    vae = AutoencoderKLWan(base_dim=8, z_dim=Z_DIM, latents_mean=[0.0] * Z_DIM, latents_std=[1.0] * Z_DIM)
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape))
-    return vae.float().eval()
+    return randomize(AutoencoderKLWan(**TINY_CONFIGS["cosmos_like"]), seed).float().eval()
 
 
 def rand_image(seed, shape=(40, 50, 3)):
@@ -167,6 +162,19 @@ def test_splice_per_row_positions_masks_labels(parts, batch):
         expect = inp["labels"][b].tolist()
         expect[s] = expect[s + 1] = -100
         assert lab[b].tolist() == expect[:s + 1] + [-100] * n + expect[s + 1:]
+
+
+def test_prepare_positions_count_attended_tokens(parts, batch):
+    model = make_model(parts)
+    with torch.no_grad():
+        inp = model.prepare(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                            batch["token_type_ids"], images=[rand_image(10), rand_image(11)])
+    mask, pos = inp["attention_mask"], inp["position_ids"]
+    assert mask.shape == pos.shape == inp["inputs_embeds"].shape[:2] == inp["token_type_ids"].shape
+    for b in range(2):
+        pads = int((mask[b] == 0).sum())
+        assert mask[b, pads:].eq(1).all() and pos[b, :pads].eq(0).all()
+        assert pos[b, pads:].tolist() == list(range(mask.shape[1] - pads))
 
 
 @pytest.fixture(scope="module")

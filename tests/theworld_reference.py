@@ -232,8 +232,10 @@ class TheWorldReference(nn.Module):
                 torch.stack(out_tt) if token_type_ids is not None else None,
                 torch.stack(out_l) if labels is not None else None)
 
-    def forward(self, input_ids, attention_mask, pixel_values=None, token_type_ids=None, labels=None,
-                images=None):
+    def prepare(self, input_ids, attention_mask, pixel_values=None, token_type_ids=None, labels=None,
+                images=None) -> dict:
+        """Steps 1-5: inject, embed, splice -> gemma's inputs (inputs_embeds, attention_mask, position_ids,
+        token_type_ids or None) and the spliced labels (or None), all of length L_out."""
         if images is None:
             raise ValueError("images is None; the world path needs one image or clip per row "
                              "(use gemma_logits for enable_world=False)")
@@ -246,10 +248,16 @@ class TheWorldReference(nn.Module):
         world = self.world_embeddings(images)
         embeds, attention_mask, token_type_ids, labels = self.splice(
             embeds, world, input_ids, attention_mask, token_type_ids, labels)
-        kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        out = self.gemma(inputs_embeds=embeds, attention_mask=attention_mask,
-                         position_ids=positions_from_mask(attention_mask), use_cache=False, **kwargs)
-        logits = out.logits.float()
+        return dict(inputs_embeds=embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                    position_ids=positions_from_mask(attention_mask), labels=labels)
+
+    def forward(self, input_ids, attention_mask, pixel_values=None, token_type_ids=None, labels=None,
+                images=None):
+        inputs = self.prepare(input_ids, attention_mask, pixel_values, token_type_ids, labels, images)
+        labels = inputs.pop("labels")
+        if inputs["token_type_ids"] is None:
+            del inputs["token_type_ids"]
+        logits = self.gemma(**inputs, use_cache=False).logits.float()
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return logits, loss
 
