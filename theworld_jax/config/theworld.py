@@ -1,0 +1,169 @@
+"""Frozen config of TheWorld: which base models, how the world branch is built, fused and trained.
+
+Two on-disk forms are read:
+- our own config.json (`model_type: "theworld_jax"`), written by `to_dict()`; unknown fields are errors;
+- an upstream PyTorch TheWorld config.json (`model_type: "the_world"`). Upstream's config class subclassed
+  transformers' Gemma3Config, so its file also carries the whole Gemma 3 config and whatever bookkeeping
+  the writing transformers version added; those fields are ignored here (read them with Gemma3Config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from theworld_jax.config.gemma3 import ConfigError
+
+MODEL_TYPE = "theworld_jax"
+UPSTREAM_MODEL_TYPE = "the_world"
+
+DEFAULT_GEMMA_MODEL = "google/gemma-3-4b-it"
+DEFAULT_COSMOS_MODEL = "nvidia/Cosmos-Predict2-2B-Video2World"
+
+PROJECTION_MODES = ("spatial", "channel")
+PROJECTION_ARCHITECTURES = ("mlp", "mlp_no_final_gelu", "linear")
+WORLD_ATTENTIONS = ("causal", "bidirectional")
+VAE_INPUT_RANGES = ("minus_one_one", "zero_255")
+
+# The TheWorld fields of upstream's config class (older versions lack the last three; defaults apply).
+_UPSTREAM_FIELDS = ("cosmos_model_name", "enable_world", "freeze_gemma_vision", "freeze_gemma_language",
+                    "freeze_cosmos_vae", "gemma_model_name", "world_projection_mode", "projection_architecture")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not supported; expected one of {list(allowed)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TheWorldConfig:
+    """Every TheWorld setting that is not part of the Gemma 3 or VAE configs.
+
+    gemma_model_name / cosmos_model_name: where the base models come from (a directory or a hub id).
+    world_projection_mode: "spatial" (H'*W' tokens of z per latent frame) or "channel" (z tokens of H'*W').
+    projection_architecture: "mlp" (Linear-GELU-Linear-GELU), "mlp_no_final_gelu" or "linear".
+    world_attention: "causal", or "bidirectional" to make the world tokens one bidirectional block.
+    vae_input_range: pixels fed to the VAE in [-1, 1] ("minus_one_one") or, as upstream did, [0, 255].
+    vae_image_size: (height, width) that images are resized to before the VAE.
+    sow_token_id / eow_token_id: <start_of_world> / <end_of_world>, None until the processor is known.
+    """
+
+    gemma_model_name: str | None = DEFAULT_GEMMA_MODEL
+    cosmos_model_name: str | None = DEFAULT_COSMOS_MODEL
+    enable_world: bool = True
+    world_projection_mode: str = "spatial"
+    projection_architecture: str = "mlp"
+    freeze_gemma_vision: bool = True
+    freeze_gemma_language: bool = True
+    freeze_cosmos_vae: bool = True
+    world_attention: str = "causal"
+    vae_input_range: str = "minus_one_one"
+    vae_image_size: tuple[int, int] = (512, 512)
+    sow_token_id: int | None = None
+    eow_token_id: int | None = None
+
+    def __post_init__(self):
+        for name in ("gemma_model_name", "cosmos_model_name"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{name} must be a path or hub id (str) or None, got {value!r}")
+        for name in ("enable_world", "freeze_gemma_vision", "freeze_gemma_language", "freeze_cosmos_vae"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        _choice("world_projection_mode", self.world_projection_mode, PROJECTION_MODES)
+        _choice("projection_architecture", self.projection_architecture, PROJECTION_ARCHITECTURES)
+        _choice("world_attention", self.world_attention, WORLD_ATTENTIONS)
+        _choice("vae_input_range", self.vae_input_range, VAE_INPUT_RANGES)
+        size = self.vae_image_size
+        if (not isinstance(size, (tuple, list)) or len(size) != 2
+                or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
+            raise ConfigError(f"vae_image_size must be (height, width), two positive ints, got {size!r}")
+        object.__setattr__(self, "vae_image_size", tuple(size))
+        ids = (self.sow_token_id, self.eow_token_id)
+        if (ids[0] is None) != (ids[1] is None):
+            raise ConfigError(f"sow_token_id and eow_token_id must be set together, got {ids}")
+        if ids[0] is not None:
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise ConfigError(f"sow_token_id and eow_token_id must be non-negative ints, got {ids}")
+            if ids[0] == ids[1]:
+                raise ConfigError(f"sow_token_id and eow_token_id must differ, both are {ids[0]}")
+
+    def latent_grid(self, spatial_factor: int) -> tuple[int, int]:
+        """(H', W') of the VAE latents for `vae_image_size` and the VAE's spatial downsampling factor."""
+        h, w = self.vae_image_size
+        if h % spatial_factor or w % spatial_factor:
+            raise ConfigError(f"vae_image_size {self.vae_image_size} is not a multiple of the VAE's "
+                              f"spatial factor {spatial_factor}")
+        return h // spatial_factor, w // spatial_factor
+
+    def projector_in_features(self, z_dim: int, spatial_factor: int) -> int:
+        """Features per world token: z_dim (spatial mode) or H'*W' (channel mode)."""
+        if self.world_projection_mode == "spatial":
+            return z_dim
+        h, w = self.latent_grid(spatial_factor)
+        return h * w
+
+    def num_world_tokens(self, z_dim: int, spatial_factor: int, latent_frames: int = 1) -> int:
+        """World tokens per sample: T'*H'*W' (spatial mode) or T'*z_dim (channel mode)."""
+        h, w = self.latent_grid(spatial_factor)
+        per_frame = h * w if self.world_projection_mode == "spatial" else z_dim
+        return latent_frames * per_frame
+
+    def replace(self, **changes: Any) -> TheWorldConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["vae_image_size"] = list(self.vae_image_size)
+        return {"model_type": MODEL_TYPE, **out}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TheWorldConfig:
+        """Our own config.json (model_type "theworld_jax"); unknown fields are errors."""
+        model_type = raw.get("model_type", MODEL_TYPE)
+        if model_type == UPSTREAM_MODEL_TYPE:
+            raise ConfigError("this is an upstream PyTorch TheWorld config (model_type 'the_world'); "
+                              "read it with TheWorldConfig.from_upstream_dict")
+        if model_type != MODEL_TYPE:
+            raise ConfigError(f"config model_type is {model_type!r}, expected {MODEL_TYPE!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known - {"model_type"})
+        if unknown:
+            raise ConfigError(f"unknown field(s) {unknown} in the TheWorld config; known fields are "
+                              f"{sorted(known)}")
+        fields = {k: v for k, v in raw.items() if k in known}
+        if isinstance(fields.get("vae_image_size"), list):
+            fields["vae_image_size"] = tuple(fields["vae_image_size"])
+        return cls(**fields)
+
+    @classmethod
+    def from_upstream_dict(cls, raw: dict[str, Any]) -> TheWorldConfig:
+        """An upstream TheWorld config.json. Upstream fed the VAE [0, 255], so vae_input_range="zero_255"."""
+        model_type = raw.get("model_type")
+        if model_type != UPSTREAM_MODEL_TYPE:
+            raise ConfigError(f"config model_type is {model_type!r}, expected {UPSTREAM_MODEL_TYPE!r} for an "
+                              "upstream TheWorld config")
+        fields = {k: raw[k] for k in _UPSTREAM_FIELDS if k in raw}
+        return cls(vae_input_range="zero_255", **fields)
+
+    @classmethod
+    def from_any_dict(cls, raw: dict[str, Any]) -> TheWorldConfig:
+        """Either form, chosen by model_type."""
+        if raw.get("model_type") == UPSTREAM_MODEL_TYPE:
+            return cls.from_upstream_dict(raw)
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_json_file(cls, path: str) -> TheWorldConfig:
+        """A config.json (or a directory holding one) in either form."""
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        with open(path) as f:
+            return cls.from_any_dict(json.load(f))
+
+    def to_json_file(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
