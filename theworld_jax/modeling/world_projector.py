@@ -1,0 +1,93 @@
+"""World projector: VAE latents -> world tokens -> Gemma embeddings.
+
+`latents_to_tokens` turns the posterior mean (B, T', H', W', z) into tokens; `WorldProjector` maps each
+token to the LM's hidden size with upstream's `projection` Sequential: "mlp" is
+Linear -> GELU -> Linear -> GELU (exact erf GELU, like torch.nn.GELU()), "mlp_no_final_gelu" drops the
+last GELU, "linear" is one Linear.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from theworld_jax.config.theworld import PROJECTION_ARCHITECTURES, PROJECTION_MODES
+
+
+def latents_to_tokens(mean: jax.Array, mode: str) -> jax.Array:
+    """(B, T', H', W', z) latents -> (B, N, F) tokens, frames concatenated in time order.
+
+    spatial: H'*W' tokens of z per frame, row-major (h, w) -> N = T'*H'*W', F = z.
+    channel: z tokens of H'*W' row-major features per frame -> N = T'*z, F = H'*W'.
+    """
+    if mean.ndim != 5:
+        raise ValueError(f"latents must be (B, T', H', W', z), got shape {tuple(mean.shape)}")
+    b, t, h, w, z = mean.shape
+    if mode == "spatial":
+        return mean.reshape(b, t * h * w, z)
+    if mode == "channel":
+        return jnp.einsum("BTHWZ->BTZHW", mean).reshape(b, t * z, h * w)
+    raise ValueError(f"world_projection_mode={mode!r} is not supported; expected one of {list(PROJECTION_MODES)}")
+
+
+def _torch_linear_init(fan_in: int):
+    """torch.nn.Linear's default: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = fan_in ** -0.5
+
+    def init(key, shape, dtype):
+        return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+    return init
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel + bias, kernel (in, out) (torch's weight transposed)."""
+
+    def __init__(self, in_features: int, out_features: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        init = _torch_linear_init(in_features)
+        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype))
+        self.bias = nnx.Param(init(rngs.params(), (out_features,), param_dtype))
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(..., in) -> (..., out)."""
+        kernel = self.kernel[...].astype(self.dtype)
+        return jnp.einsum("...F,FD->...D", x.astype(self.dtype), kernel) + self.bias[...].astype(self.dtype)
+
+
+def _gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU computed in float32, as torch does for bf16 inputs."""
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
+
+
+class WorldProjector(nnx.Module):
+    """(B, N, in_features) world tokens -> (B, N, out_features) embeddings.
+
+    Parameters: layers.0.{kernel (in, out), bias}, and for the mlp architectures layers.1 (out, out),
+    which are upstream's projection.0 and projection.2.
+    """
+
+    def __init__(self, in_features: int, out_features: int, architecture: str = "mlp", *,
+                 dtype=jnp.float32, param_dtype=None, rngs: nnx.Rngs):
+        if architecture not in PROJECTION_ARCHITECTURES:
+            raise ValueError(f"projection_architecture={architecture!r} is not supported; expected one of "
+                             f"{list(PROJECTION_ARCHITECTURES)}")
+        param_dtype = dtype if param_dtype is None else param_dtype
+        self.in_features = in_features
+        self.out_features = out_features
+        self.architecture = architecture
+        dims = [(in_features, out_features)]
+        if architecture != "linear":
+            dims.append((out_features, out_features))
+        self.layers = nnx.List([Dense(i, o, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for i, o in dims])
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        if tokens.shape[-1] != self.in_features:
+            raise ValueError(f"world tokens have {tokens.shape[-1]} features, the projector expects "
+                             f"{self.in_features} (shape {tuple(tokens.shape)})")
+        x = self.layers[0](tokens)
+        if self.architecture == "linear":
+            return x
+        x = self.layers[1](_gelu(x))
+        return _gelu(x) if self.architecture == "mlp" else x

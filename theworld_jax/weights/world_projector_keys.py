@@ -1,0 +1,115 @@
+"""Key map between upstream TheWorld's world projector and `WorldProjector`, both ways.
+
+Upstream keys are `[prefix]world_projector.projection.{i}.{weight,bias}` (real checkpoints use the prefix
+"cosmos_encoder."): a torch.nn.Sequential whose Linear layers sit at indices 0 and 2 ("mlp",
+"mlp_no_final_gelu") or 0 ("linear"), weight (out, in). Ours are `layers.{j}.{kernel (in, out), bias}`.
+An upstream checkpoint holds all trainable parameters, so tensors outside the projector are left alone.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from theworld_jax.config.theworld import TheWorldConfig
+from theworld_jax.modeling.world_projector import WorldProjector
+from theworld_jax.weights.loader import Source, abstract_params, load_params
+from theworld_jax.weights.safetensors_io import CheckpointError, SafetensorsReader
+
+EXPORT_PREFIX = "cosmos_encoder.world_projector."
+_KEY = re.compile(r"^(.*world_projector\.)projection\.(\d+)\.(weight|bias)$")
+
+
+def torch_indices(architecture: str) -> tuple[int, ...]:
+    """Indices of the Linear layers in upstream's `projection` Sequential."""
+    return (0,) if architecture == "linear" else (0, 2)
+
+
+def projector_key_map(architecture: str, prefix: str = EXPORT_PREFIX) -> dict[str, Source]:
+    """{our param path: Source} for a projector of `architecture` whose keys start with `prefix`."""
+    out = {}
+    for j, i in enumerate(torch_indices(architecture)):
+        out[f"layers.{j}.kernel"] = Source.of(f"{prefix}projection.{i}.weight", np.transpose)
+        out[f"layers.{j}.bias"] = Source.of(f"{prefix}projection.{i}.bias")
+    return out
+
+
+def find_projector_prefix(keys: Iterable[str]) -> str:
+    """The prefix ending in "world_projector." of the projector keys; an error if none or several."""
+    prefixes = sorted({m.group(1) for k in keys if (m := _KEY.match(k))})
+    if not prefixes:
+        raise CheckpointError("the checkpoint has no world projector tensors "
+                              "('...world_projector.projection.{i}.weight/bias')")
+    if len(prefixes) > 1:
+        raise CheckpointError(f"the checkpoint has world projector tensors under several prefixes {prefixes}; "
+                              "expected one")
+    return prefixes[0]
+
+
+def _check_against_config(reader: SafetensorsReader, prefix: str, projector: WorldProjector,
+                          in_features_reason: str) -> None:
+    """Clear errors for a projector checkpoint that was trained with another architecture or mode."""
+    arch = projector.architecture
+    expected = torch_indices(arch)
+    found = sorted({int(m.group(2)) for k in reader.keys() if (m := _KEY.match(k)) and m.group(1) == prefix})
+    wanted = ", ".join(f"projection.{i}" for i in expected)
+    for i in found:
+        if i not in expected:
+            raise CheckpointError(
+                f"checkpoint tensor {prefix}projection.{i}.* does not fit projection_architecture={arch!r}, "
+                f"which has Linear layers {wanted} only (checkpoint has projection indices {found})")
+    shapes = {0: (projector.out_features, projector.in_features), 2: (projector.out_features,) * 2}
+    for i in expected:
+        for name, shape in (("weight", shapes[i]), ("bias", shapes[i][:1])):
+            key = f"{prefix}projection.{i}.{name}"
+            if key not in reader:
+                raise CheckpointError(f"tensor {key!r} is missing: projection_architecture={arch!r} expects "
+                                      f"Linear layers {wanted} (checkpoint has projection indices {found})")
+            if reader.shape(key) != shape:
+                why = f"; in_features {projector.in_features} comes from {in_features_reason}" \
+                    if in_features_reason and i == 0 and name == "weight" else ""
+                raise CheckpointError(f"tensor {key!r} has shape {reader.shape(key)}, the config expects "
+                                      f"{shape} (out_features, in_features){why}")
+
+
+def load_projector_params(abstract: WorldProjector, reader: SafetensorsReader, *,
+                          in_features_reason: str = "") -> WorldProjector:
+    """Fill an abstract WorldProjector (nnx.eval_shape) from an upstream-layout checkpoint."""
+    prefix = find_projector_prefix(reader.keys())
+    _check_against_config(reader, prefix, abstract, in_features_reason)
+    return load_params(abstract, projector_key_map(abstract.architecture, prefix), reader,
+                       ignore=lambda k: not k.startswith(prefix), desc="loading the world projector")
+
+
+def load_world_projector(reader: SafetensorsReader, config: TheWorldConfig, *, z_dim: int, spatial_factor: int,
+                         hidden_size: int, dtype=jnp.float32, param_dtype=None) -> WorldProjector:
+    """The projector that `config` describes, with its weights from an upstream TheWorld checkpoint."""
+    in_features = config.projector_in_features(z_dim, spatial_factor)
+    if config.world_projection_mode == "spatial":
+        reason = f"world_projection_mode='spatial' (the VAE's z_dim {z_dim})"
+    else:
+        h, w = config.latent_grid(spatial_factor)
+        reason = (f"world_projection_mode='channel' (H'*W' = {h}*{w} latents for vae_image_size "
+                  f"{config.vae_image_size} and the VAE's spatial factor {spatial_factor})")
+    abstract = nnx.eval_shape(lambda: WorldProjector(
+        in_features, hidden_size, config.projection_architecture, dtype=dtype, param_dtype=param_dtype,
+        rngs=nnx.Rngs(0)))
+    return load_projector_params(abstract, reader, in_features_reason=reason)
+
+
+def export_world_projector(projector: WorldProjector, prefix: str = EXPORT_PREFIX) -> dict[str, np.ndarray]:
+    """{upstream key: array} of the projector, torch layout (weight (out, in)), in the params' dtype."""
+    params = abstract_params(projector)
+    if set(params) != set(projector_key_map(projector.architecture)):
+        raise CheckpointError(f"projector params {sorted(params)} do not fit architecture "
+                              f"{projector.architecture!r}")
+    out = {}
+    for j, i in enumerate(torch_indices(projector.architecture)):
+        layer = projector.layers[j]
+        out[f"{prefix}projection.{i}.weight"] = np.ascontiguousarray(np.asarray(layer.kernel[...]).T)
+        out[f"{prefix}projection.{i}.bias"] = np.asarray(layer.bias[...])
+    return out
