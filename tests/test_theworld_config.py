@@ -97,13 +97,3 @@ def test_same_sow_and_eow_is_rejected():
     with pytest.raises(ConfigError, match="must differ"):
         TheWorldConfig(sow_token_id=7, eow_token_id=7)
 
-
-def test_world_token_counts():
-    spatial = TheWorldConfig()
-    assert spatial.projector_in_features(z_dim=16, spatial_factor=8) == 16
-    assert spatial.num_world_tokens(z_dim=16, spatial_factor=8) == 64 * 64
-    channel = TheWorldConfig(world_projection_mode="channel", vae_image_size=(256, 512))
-    assert channel.projector_in_features(z_dim=16, spatial_factor=8) == 32 * 64
-    assert channel.num_world_tokens(z_dim=16, spatial_factor=8, latent_frames=2) == 32
-    with pytest.raises(ConfigError, match=r"vae_image_size \(100, 512\) is not a multiple of the VAE's spatial"):
-        TheWorldConfig(vae_image_size=(100, 512)).latent_grid(8)

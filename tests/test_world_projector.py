@@ -9,11 +9,14 @@ import torch
 from flax import nnx
 from safetensors.numpy import save_file
 
+from theworld_jax.config.gemma3 import ConfigError
 from theworld_jax.config.theworld import TheWorldConfig
-from theworld_jax.modeling.world_projector import WorldProjector, latents_to_tokens
+from theworld_jax.config.wan_vae import WanVAEConfig
+from theworld_jax.modeling.world_projector import (WorldProjector, latents_to_tokens, num_world_tokens,
+                                                   projector_in_features)
 from theworld_jax.weights.safetensors_io import CheckpointError, SafetensorsReader
 from theworld_jax.weights.world_projector_keys import (EXPORT_PREFIX, export_world_projector,
-                                                       find_projector_prefix, load_world_projector)
+                                                       find_projector_prefix, load_upstream_projector)
 
 ARCHS = ("mlp", "mlp_no_final_gelu", "linear")
 IN, OUT = 16, 24
@@ -142,12 +145,17 @@ def upstream_checkpoint(tmp_path, arch, in_features=IN, prefix=EXPORT_PREFIX, na
     path = tmp_path / name
     path.mkdir()
     save_file(tensors, str(path / "model.safetensors"))
-    return seq, str(path / "model.safetensors"), tensors
+    return seq, str(path), tensors
 
 
-def load(path, config):
-    with SafetensorsReader([path]) as reader:
-        return load_world_projector(reader, config, z_dim=Z_DIM, spatial_factor=FACTOR, hidden_size=HIDDEN)
+def abstract_projector(config, dtype=jnp.float32):
+    in_features = projector_in_features(config.world_projection_mode, Z_DIM, config.vae_image_size, FACTOR)
+    return nnx.eval_shape(lambda: WorldProjector(in_features, HIDDEN, config.projection_architecture,
+                                                 dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def load(directory, config):
+    return load_upstream_projector(abstract_projector(config), directory, config)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -162,17 +170,17 @@ def test_load_export_load_round_trip(tmp_path, arch):
     assert set(exported) == {k for k in tensors if "world_projector" in k}
     for key, value in exported.items():
         np.testing.assert_array_equal(value, tensors[key])
-    save_file(exported, str(tmp_path / "exported.safetensors"))
-    again = load(str(tmp_path / "exported.safetensors"), TheWorldConfig(projection_architecture=arch))
+    (tmp_path / "exported").mkdir()
+    save_file(exported, str(tmp_path / "exported" / "model.safetensors"))
+    again = load(str(tmp_path / "exported"), TheWorldConfig(projection_architecture=arch))
     for a, b in zip(jax.tree.leaves(nnx.state(projector)), jax.tree.leaves(nnx.state(again))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_load_accepts_any_prefix_and_bf16(tmp_path):
     _, path, _ = upstream_checkpoint(tmp_path, "mlp", prefix="model.world_projector.")
-    with SafetensorsReader([path]) as reader:
-        projector = load_world_projector(reader, TheWorldConfig(), z_dim=Z_DIM, spatial_factor=FACTOR,
-                                         hidden_size=HIDDEN, dtype=jnp.bfloat16)
+    with SafetensorsReader([f"{path}/model.safetensors"]) as reader:
+        projector = load_upstream_projector(abstract_projector(TheWorldConfig(), jnp.bfloat16), reader)
     assert projector.layers[1].kernel[...].dtype == jnp.bfloat16
     assert export_world_projector(projector)[EXPORT_PREFIX + "projection.2.weight"].shape == (HIDDEN, HIDDEN)
 
@@ -201,7 +209,7 @@ def test_wrong_mode_names_the_expected_in_features(tmp_path):
     _, path, _ = upstream_checkpoint(tmp_path, "mlp")  # trained in spatial mode: in_features = z_dim
     config = TheWorldConfig(world_projection_mode="channel", vae_image_size=(32, 40))
     with pytest.raises(CheckpointError, match=r"projection\.0\.weight' has shape \(24, 16\), the config expects "
-                                              r"\(24, 20\).*world_projection_mode='channel'.*4\*5"):
+                                              r"\(24, 20\).*world_projection_mode='channel'.*\(32, 40\)"):
         load(path, config)
 
 
@@ -210,3 +218,16 @@ def test_channel_mode_loads_with_matching_grid(tmp_path):
     config = TheWorldConfig(world_projection_mode="channel", projection_architecture="linear",
                             vae_image_size=(32, 40))
     assert load(path, config).in_features == 20
+
+
+def test_world_token_counts():
+    vae = WanVAEConfig()
+    assert projector_in_features("spatial", 16, (512, 512), 8) == 16
+    assert projector_in_features("channel", 16, (256, 512), 8) == 32 * 64
+    assert num_world_tokens("spatial", vae, (512, 512)) == 64 * 64
+    assert num_world_tokens("spatial", vae, (512, 512), frames=5) == 2 * 64 * 64
+    assert num_world_tokens("channel", vae, (256, 512), frames=5) == 2 * 16
+    with pytest.raises(ConfigError, match=r"vae_image_size \(100, 512\) is not a multiple of the VAE's spatial"):
+        projector_in_features("spatial", 16, (100, 512), 8)
+    with pytest.raises(ValueError, match="world_projection_mode='pixel'"):
+        num_world_tokens("pixel", vae, (512, 512))

@@ -90,27 +90,6 @@ class TheWorldConfig:
             if ids[0] == ids[1]:
                 raise ConfigError(f"sow_token_id and eow_token_id must differ, both are {ids[0]}")
 
-    def latent_grid(self, spatial_factor: int) -> tuple[int, int]:
-        """(H', W') of the VAE latents for `vae_image_size` and the VAE's spatial downsampling factor."""
-        h, w = self.vae_image_size
-        if h % spatial_factor or w % spatial_factor:
-            raise ConfigError(f"vae_image_size {self.vae_image_size} is not a multiple of the VAE's "
-                              f"spatial factor {spatial_factor}")
-        return h // spatial_factor, w // spatial_factor
-
-    def projector_in_features(self, z_dim: int, spatial_factor: int) -> int:
-        """Features per world token: z_dim (spatial mode) or H'*W' (channel mode)."""
-        if self.world_projection_mode == "spatial":
-            return z_dim
-        h, w = self.latent_grid(spatial_factor)
-        return h * w
-
-    def num_world_tokens(self, z_dim: int, spatial_factor: int, latent_frames: int = 1) -> int:
-        """World tokens per sample: T'*H'*W' (spatial mode) or T'*z_dim (channel mode)."""
-        h, w = self.latent_grid(spatial_factor)
-        per_frame = h * w if self.world_projection_mode == "spatial" else z_dim
-        return latent_frames * per_frame
-
     def replace(self, **changes: Any) -> TheWorldConfig:
         return dataclasses.replace(self, **changes)
 

@@ -8,11 +8,47 @@ last GELU, "linear" is one Linear.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from theworld_jax.config.gemma3 import ConfigError
 from theworld_jax.config.theworld import PROJECTION_ARCHITECTURES, PROJECTION_MODES
+
+if TYPE_CHECKING:
+    from theworld_jax.config.wan_vae import WanVAEConfig
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in PROJECTION_MODES:
+        raise ValueError(f"world_projection_mode={mode!r} is not supported; expected one of "
+                         f"{list(PROJECTION_MODES)}")
+
+
+def latent_grid(vae_image_size: tuple[int, int], spatial_factor: int) -> tuple[int, int]:
+    """(H', W') of the VAE latents of an image resized to vae_image_size (height, width)."""
+    h, w = vae_image_size
+    if h % spatial_factor or w % spatial_factor:
+        raise ConfigError(f"vae_image_size {tuple(vae_image_size)} is not a multiple of the VAE's spatial factor "
+                          f"{spatial_factor}")
+    return h // spatial_factor, w // spatial_factor
+
+
+def projector_in_features(mode: str, z_dim: int, vae_image_size: tuple[int, int], spatial_factor: int) -> int:
+    """Features per world token: z_dim (spatial mode) or H'*W' (channel mode)."""
+    _check_mode(mode)
+    h, w = latent_grid(vae_image_size, spatial_factor)
+    return z_dim if mode == "spatial" else h * w
+
+
+def num_world_tokens(mode: str, vae_config: WanVAEConfig, vae_image_size: tuple[int, int], frames: int = 1) -> int:
+    """World tokens per sample for a clip of `frames` frames: T'*H'*W' (spatial) or T'*z_dim (channel)."""
+    _check_mode(mode)
+    h, w = latent_grid(vae_image_size, vae_config.spatial_factor)
+    per_frame = h * w if mode == "spatial" else vae_config.z_dim
+    return vae_config.latent_frames(frames) * per_frame
 
 
 def latents_to_tokens(mean: jax.Array, mode: str) -> jax.Array:
@@ -23,12 +59,11 @@ def latents_to_tokens(mean: jax.Array, mode: str) -> jax.Array:
     """
     if mean.ndim != 5:
         raise ValueError(f"latents must be (B, T', H', W', z), got shape {tuple(mean.shape)}")
+    _check_mode(mode)
     b, t, h, w, z = mean.shape
     if mode == "spatial":
         return mean.reshape(b, t * h * w, z)
-    if mode == "channel":
-        return jnp.einsum("BTHWZ->BTZHW", mean).reshape(b, t * z, h * w)
-    raise ValueError(f"world_projection_mode={mode!r} is not supported; expected one of {list(PROJECTION_MODES)}")
+    return jnp.einsum("BTHWZ->BTZHW", mean).reshape(b, t * z, h * w)
 
 
 def _torch_linear_init(fan_in: int):

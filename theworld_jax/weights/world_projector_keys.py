@@ -11,14 +11,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from theworld_jax.config.theworld import TheWorldConfig
 from theworld_jax.modeling.world_projector import WorldProjector
 from theworld_jax.weights.loader import Source, abstract_params, load_params
-from theworld_jax.weights.safetensors_io import CheckpointError, SafetensorsReader
+from theworld_jax.weights.safetensors_io import CheckpointError, SafetensorsReader, find_safetensors
 
 EXPORT_PREFIX = "cosmos_encoder.world_projector."
 _KEY = re.compile(r"^(.*world_projector\.)projection\.(\d+)\.(weight|bias)$")
@@ -85,20 +83,22 @@ def load_projector_params(abstract: WorldProjector, reader: SafetensorsReader, *
                        ignore=lambda k: not k.startswith(prefix), desc="loading the world projector")
 
 
-def load_world_projector(reader: SafetensorsReader, config: TheWorldConfig, *, z_dim: int, spatial_factor: int,
-                         hidden_size: int, dtype=jnp.float32, param_dtype=None) -> WorldProjector:
-    """The projector that `config` describes, with its weights from an upstream TheWorld checkpoint."""
-    in_features = config.projector_in_features(z_dim, spatial_factor)
-    if config.world_projection_mode == "spatial":
-        reason = f"world_projection_mode='spatial' (the VAE's z_dim {z_dim})"
-    else:
-        h, w = config.latent_grid(spatial_factor)
-        reason = (f"world_projection_mode='channel' (H'*W' = {h}*{w} latents for vae_image_size "
-                  f"{config.vae_image_size} and the VAE's spatial factor {spatial_factor})")
-    abstract = nnx.eval_shape(lambda: WorldProjector(
-        in_features, hidden_size, config.projection_architecture, dtype=dtype, param_dtype=param_dtype,
-        rngs=nnx.Rngs(0)))
-    return load_projector_params(abstract, reader, in_features_reason=reason)
+def load_upstream_projector(abstract: WorldProjector, source: str | SafetensorsReader,
+                            config: TheWorldConfig | None = None) -> WorldProjector:
+    """Fill an abstract WorldProjector from an upstream TheWorld checkpoint (a directory or an open reader).
+
+    `config`, when given, only makes the error for a mis-sized projector name what set in_features.
+    """
+    reason = ""
+    if config is not None and config.world_projection_mode == "spatial":
+        reason = "world_projection_mode='spatial' (the VAE's z_dim)"
+    elif config is not None:
+        reason = (f"world_projection_mode='channel' (H'*W' of the latents of an image of vae_image_size "
+                  f"{config.vae_image_size})")
+    if isinstance(source, SafetensorsReader):
+        return load_projector_params(abstract, source, in_features_reason=reason)
+    with SafetensorsReader(find_safetensors(source)) as reader:
+        return load_projector_params(abstract, reader, in_features_reason=reason)
 
 
 def export_world_projector(projector: WorldProjector, prefix: str = EXPORT_PREFIX) -> dict[str, np.ndarray]:
