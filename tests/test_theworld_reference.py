@@ -199,7 +199,7 @@ def test_fused_left_padded_row_equals_unpadded(parts, batch, fused):
 
 
 def test_fused_world_tokens_only_affect_later_positions(parts, batch, fused):
-    model, worlds, logits, _ = fused
+    model, _, logits, _ = fused
     with torch.no_grad():
         other, _ = model(batch["input_ids"][1:], batch["attention_mask"][1:], batch["pixel_values"][1:],
                          batch["token_type_ids"][1:], images=[rand_image(99)])
@@ -225,7 +225,7 @@ def test_world_free_helper_equals_gemma_and_embeddings_match(parts, batch):
 
 def test_loss_is_shifted_mean_cross_entropy(parts, batch, fused):
     _, gemma, *_ = parts
-    _, _, logits, loss = fused
+    loss = fused[3]
     labels = torch.randint(0, 50, (2, 7))
     labels[0, 3] = -100
     lg = torch.randn(2, 7, gemma.config.text_config.vocab_size)
@@ -235,7 +235,7 @@ def test_loss_is_shifted_mean_cross_entropy(parts, batch, fused):
 
 
 def test_bidirectional_world_changes_world_logits(parts, batch, fused):
-    model, worlds, logits, _ = fused
+    _, worlds, logits, _ = fused
     bidir = make_model(parts, world_attention="bidirectional")
     with torch.no_grad():
         out, _ = bidir(batch["input_ids"][1:], batch["attention_mask"][1:], batch["pixel_values"][1:],
@@ -245,7 +245,7 @@ def test_bidirectional_world_changes_world_logits(parts, batch, fused):
 
 
 def test_channel_mode_gives_z_tokens(parts, batch):
-    processor, gemma, vae, _, sow, eow = parts
+    _, gemma, vae, _, sow, eow = parts
     proj = ref.TorchWorldProjector(VAE_SIZE[0] // 8 * VAE_SIZE[1] // 8, gemma.config.text_config.hidden_size)
     model = ref.TheWorldReference(gemma, vae, proj, sow, eow, mode="channel", vae_size=VAE_SIZE)
     with torch.no_grad():
