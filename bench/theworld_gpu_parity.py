@@ -67,6 +67,13 @@ FULL_SPECIALS = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 105: "<start_of
 FULL_TOKENIZER_LEN = 262145
 
 
+_T0 = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - _T0:7.1f}s] {message}", flush=True)
+
+
 def full_processor():
     """An offline Gemma3Processor with Gemma 3's ids: a word-level tokenizer of 262145 entries, 896 px."""
     import transformers
@@ -182,8 +189,11 @@ def save_checkpoints(workdir, processor, gemma, vae, projector, args) -> str:
 
 
 def run_reference(args, device, workdir):
+    log(f"building the torch models on {device}")
     processor, gemma, vae, projector, vae_size, gemma_image = build(args, device)
+    log(f"saving checkpoints under {workdir}")
     upstream_dir = save_checkpoints(workdir, processor, gemma, vae, projector, args)
+    log("torch reference forward")
     batch, world = make_inputs(args, processor, gemma_image)
     sow = len(processor.tokenizer)
     model = ref.TheWorldReference(gemma, vae, projector, sow, sow + 1, mode="spatial",
@@ -211,11 +221,13 @@ def run_jax(args, batch, world, upstream_dir, vae_size):
     jax.config.update("jax_default_matmul_precision", "highest")
     from theworld_jax import TheWorld
 
+    log("loading the JAX TheWorld")
     t0 = time.perf_counter()
     model = TheWorld.from_pretrained(upstream_dir, dtype=jnp.float32, vae_input_range=args.vae_input_range,
                                      vae_image_size=vae_size, world_attention="causal")
     load_s = time.perf_counter() - t0
     inputs = {k: v.numpy() for k, v in batch.items()}
+    log(f"JAX forward (loaded in {load_s:.1f}s)")
     out, first, median = timed(functools.partial(model, images=[world], **inputs),
                                lambda o: jax.block_until_ready(o.logits))
     return dict(logits=np.asarray(out.logits[0], dtype=np.float32),
