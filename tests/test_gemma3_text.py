@@ -1,0 +1,141 @@
+"""Gemma3TextDecoder against transformers' Gemma 3 on the same (tiny, random) weights."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from tiny_text_decoder import (WINDOW, build_hf, hf_logits, load_decoder, max_logit_error, our_logits,
+                               save_language_model)
+from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+
+from theworld_jax.attention import make_attention_mask
+from theworld_jax.modeling.gemma3_text import Gemma3TextDecoder
+from theworld_jax.modeling.layers import Embedding
+from theworld_jax.weights.gemma3_text_keys import text_export_map, text_key_map
+from theworld_jax.weights.loader import abstract_params
+
+B, L, PAD = 2, 24, 5  # L > 2 * WINDOW: the sliding layers drop keys
+F32_TOL = 1e-4
+BF16_TOL = 2e-2
+
+
+@pytest.fixture(scope="module")
+def hf_and_config():
+    return build_hf()
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(hf_and_config, tmp_path_factory):
+    return save_language_model(hf_and_config[0], str(tmp_path_factory.mktemp("gemma3_text")))
+
+
+@pytest.fixture(scope="module")
+def decoder(hf_and_config, checkpoint_dir):
+    return load_decoder(hf_and_config[1], checkpoint_dir)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    """ids (B, L); a left-padded copy whose row 0 is the first L - PAD tokens of row 0 after PAD pads;
+    token_type_ids with a block longer than the window in row 0 and two short blocks in row 1."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(10, 280, (B, L))
+    padded = ids.copy()
+    padded[0, PAD:] = ids[0, :L - PAD]
+    padded[0, :PAD] = 0
+    mask = np.ones((B, L), np.int64)
+    padded_mask = mask.copy()
+    padded_mask[0, :PAD] = 0
+    tti = np.zeros((B, L), np.int64)
+    tti[0, PAD + 3:PAD + 3 + WINDOW + 3] = 1
+    tti[1, 2:5] = 1
+    tti[1, 9:12] = 1
+    return dict(ids=ids, mask=mask, padded=padded, padded_mask=padded_mask, tti=tti)
+
+
+def test_long_prompt_matches_transformers(hf_and_config, decoder, inputs):
+    ref = hf_logits(hf_and_config[0], inputs["ids"], inputs["mask"])
+    ours = our_logits(decoder, inputs["ids"], inputs["mask"])
+    assert max_logit_error(ours, ref, inputs["mask"]) <= F32_TOL
+
+
+def test_left_padded_batch_matches_transformers(hf_and_config, decoder, inputs):
+    ref = hf_logits(hf_and_config[0], inputs["padded"], inputs["padded_mask"])
+    ours = our_logits(decoder, inputs["padded"], inputs["padded_mask"])
+    assert max_logit_error(ours, ref, inputs["padded_mask"]) <= F32_TOL
+
+
+def test_padded_row_equals_unpadded_row(decoder, inputs):
+    padded = our_logits(decoder, inputs["padded"], inputs["padded_mask"])[0, PAD:]
+    unpadded = our_logits(decoder, inputs["ids"], inputs["mask"])[0, :L - PAD]
+    assert np.abs(padded - unpadded).max() <= F32_TOL * max(1.0, np.abs(unpadded).max())
+
+
+def test_bidirectional_blocks_match_transformers(hf_and_config, decoder, inputs):
+    hf = hf_and_config[0]
+    ref = hf_logits(hf, inputs["padded"], inputs["padded_mask"], inputs["tti"])
+    causal_ref = hf_logits(hf, inputs["padded"], inputs["padded_mask"])
+    valid = inputs["padded_mask"].astype(bool)
+    assert np.abs(ref - causal_ref)[valid].max() > 1e-2, "the blocks should change the reference logits"
+    ours = our_logits(decoder, inputs["padded"], inputs["padded_mask"], inputs["tti"])
+    assert max_logit_error(ours, ref, inputs["padded_mask"]) <= F32_TOL
+
+
+def test_bfloat16_close_to_float32_transformers(hf_and_config, checkpoint_dir, inputs):
+    hf, config = hf_and_config
+    model = load_decoder(config, checkpoint_dir, dtype=jnp.bfloat16)
+    assert model.embed_tokens.embedding[...].dtype == jnp.bfloat16
+    ref = hf_logits(hf, inputs["padded"], inputs["padded_mask"], inputs["tti"])
+    ours = our_logits(model, inputs["padded"], inputs["padded_mask"], inputs["tti"])
+    valid = inputs["padded_mask"].astype(bool)
+    rel = np.linalg.norm(ours[valid] - ref[valid]) / np.linalg.norm(ref[valid])
+    assert rel <= BF16_TOL
+
+
+def test_bfloat16_embedding_scale_matches_transformers():
+    """sqrt(2560) rounds to 50.5 in bfloat16, as transformers' scaled embedding does."""
+    vocab, dim = 5, 2560
+    ref_module = Gemma3TextScaledWordEmbedding(vocab, dim, padding_idx=0, embed_scale=dim ** 0.5)
+    ref_module = ref_module.to(torch.bfloat16)
+    ids = np.array([[1, 4, 0, 2]])
+    with torch.no_grad():
+        ref = ref_module(torch.tensor(ids)).float().numpy()
+    ours = Embedding(vocab, dim, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    ours.embedding[...] = jnp.asarray(ref_module.weight.detach().float().numpy(), jnp.bfloat16)
+    out = np.asarray(ours(jnp.asarray(ids), dim ** 0.5).astype(jnp.float32))
+    np.testing.assert_array_equal(out, ref)
+    assert float(jnp.asarray(np.float32(dim ** 0.5), jnp.bfloat16)) == 50.5
+
+
+def test_key_map_covers_checkpoint_and_model(hf_and_config):
+    hf, config = hf_and_config
+    state = hf.model.language_model.state_dict()
+    key_map = text_key_map(config)
+    abstract = nnx.eval_shape(lambda: Gemma3TextDecoder(config, rngs=nnx.Rngs(0)))
+    targets = abstract_params(abstract)
+    assert set(key_map) == set(targets)
+    assert {s for src in key_map.values() for s in src.keys} == set(state)
+    for path, source in key_map.items():
+        assert source.transform(state[source.keys[0]].numpy()).shape == targets[path].shape, path
+
+
+def test_export_map_inverts_key_map(hf_and_config):
+    hf, config = hf_and_config
+    state = {k: v.numpy() for k, v in hf.model.language_model.state_dict().items()}
+    key_map = text_key_map(config)
+    ours = {path: src.transform(state[src.keys[0]]) for path, src in key_map.items()}
+    for key, (path, to_hf) in text_export_map(config).items():
+        np.testing.assert_array_equal(to_hf(ours[path]), state[key], err_msg=key)
+
+
+def test_bad_inputs_are_rejected(hf_and_config, decoder):
+    config = hf_and_config[1]
+    mask = make_attention_mask(jnp.ones((1, 4), jnp.int32))
+    positions = jnp.zeros((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match="embeds must be"):
+        decoder(jnp.zeros((1, 4, config.hidden_size + 1)), positions=positions, mask=mask)
+    with pytest.raises(ValueError, match="positions has shape"):
+        decoder(jnp.zeros((1, 4, config.hidden_size)), positions=jnp.zeros((1, 3), jnp.int32), mask=mask)
+    with pytest.raises(ValueError, match="queries have shape"):
+        decoder(jnp.zeros((1, 5, config.hidden_size)), positions=jnp.zeros((1, 5), jnp.int32), mask=mask)
