@@ -1,0 +1,275 @@
+"""Generation: jit-compiled prefill, then a decode loop that stays on the device (lax.while_loop).
+
+Flow (as transformers' generate for Gemma 3, notes/reference-semantics.md section 6):
+- the prompt (text, image soft tokens, spliced world tokens) is left-padded to a bucket length and run
+  once through the decoder into an empty KV cache, with token_type_ids (bidirectional image blocks)
+  only here; RoPE positions are cumsum(attention_mask) - 1;
+- each decode step embeds the previous token (text scaling), at position last + 1 and sequence index
+  last + 1, writes it into the cache and attends over it (sliding layers keep a ring of the window);
+- a row stops after it produced one of the eos ids and emits `pad_token_id` from then on; the loop ends
+  when every row stopped or max_new_tokens were produced. Ids >= vocab_limit are never produced.
+
+Bucketing (recompiles): prompts are left-padded to `BucketPolicy.length(L)`: the next power of two (at
+least `minimum`) up to `granule`, then the next multiple of `granule`; the new-token buffer is bucketed
+the same way. One (batch, prompt bucket, new-token bucket, inputs' structure, sampling mode) gives one
+prefill and one decode program; the number of steps and the stop condition are traced values.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from functools import partial
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from theworld_jax.attention import make_attention_mask, make_decode_mask
+from theworld_jax.modeling.gemma3 import Gemma3Model, positions_from_mask
+from theworld_jax.modeling.kv_cache import KVCache
+from theworld_jax.sampling import SamplingConfig, choose
+
+# Number of times each jitted program was traced (a trace precedes every compilation).
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketPolicy:
+    """Padded lengths: next power of two >= max(length, minimum) up to `granule`, then multiples of it."""
+
+    minimum: int = 32
+    granule: int = 512
+
+    def length(self, n: int) -> int:
+        if n <= self.granule:
+            return max(self.minimum, 1 << max(0, int(n) - 1).bit_length())
+        return -(-int(n) // self.granule) * self.granule
+
+
+@dataclasses.dataclass(frozen=True)
+class StopConfig:
+    """Per-row stopping: after any of `eos_token_ids` (empty: never); then `pad_token_id` is emitted."""
+
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+
+
+@struct.dataclass
+class DecodeState:
+    """Everything the decode loop carries. tokens (B, N) new tokens (pad past `step`); last, position,
+    done (B,): the last token, its RoPE position, whether the row stopped; step, index (): tokens
+    produced so far and the sequence index of `last`."""
+
+    cache: KVCache
+    tokens: jax.Array
+    last: jax.Array
+    position: jax.Array
+    done: jax.Array
+    step: jax.Array
+    index: jax.Array
+    key: jax.Array
+
+
+def _language_model(model):
+    return model.language_model if isinstance(model, Gemma3Model) else model.gemma.language_model
+
+
+def _lm_inputs(model, batch: dict, world_config):
+    """(embeds, attention_mask, token_type_ids or None, positions) of the prompt, world tokens spliced."""
+    gemma = model if isinstance(model, Gemma3Model) else model.gemma
+    ids, mask, types = batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+    embeds = gemma.embed_inputs(ids, batch["pixel_values"])
+    if batch.get("video") is None:
+        return embeds, mask, types, positions_from_mask(mask)
+    from theworld_jax.modeling.fusion import splice_world
+
+    world = model.world_embeddings(batch["video"], world_config.world_projection_mode).astype(embeds.dtype)
+    fused = splice_world(embeds, ids, mask, types, None, world, sow_id=world_config.sow_token_id,
+                         world_attention=world_config.world_attention)
+    return fused.embeds, fused.attention_mask, fused.token_type_ids, fused.positions
+
+
+def _finish(token, done, stop: StopConfig):
+    """Pad finished rows, then mark rows whose token is an eos id as finished."""
+    token = jnp.where(done, stop.pad_token_id, token)
+    if stop.eos_token_ids:
+        done = done | jnp.isin(token, jnp.asarray(stop.eos_token_ids, jnp.int32))
+    return token, done
+
+
+@partial(jax.jit, static_argnames=("graphdef", "world_config", "sampling", "stop", "capacity"))
+def _prefill(graphdef, params, batch: dict, key, temperature, top_p, *, world_config, sampling: SamplingConfig,
+             stop: StopConfig, capacity: int) -> DecodeState:
+    TRACE_COUNTS["prefill"] += 1
+    model = nnx.merge(graphdef, params)
+    lm = _language_model(model)
+    embeds, mask, types, positions = _lm_inputs(model, batch, world_config)
+    b, length = mask.shape
+    cache = KVCache.init(lm.config, b, length + capacity, dtype=lm.dtype)
+    hidden, cache = lm(embeds, positions=positions, mask=make_attention_mask(mask, types), cache=cache)
+    key, sub = jax.random.split(key)
+    token = choose(lm.logits(hidden[:, -1:])[:, 0], sub, sampling, temperature, top_p)
+    token, done = _finish(token, jnp.zeros((b,), bool), stop)
+    tokens = jnp.full((b, capacity), stop.pad_token_id, jnp.int32).at[:, 0].set(token)
+    return DecodeState(cache=cache, tokens=tokens, last=token, position=positions[:, -1] + 1, done=done,
+                       step=jnp.int32(1), index=jnp.int32(length), key=key)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "sampling", "stop"), donate_argnames=("state",))
+def _decode(graphdef, params, state: DecodeState, limit, temperature, top_p, *, sampling: SamplingConfig,
+            stop: StopConfig) -> DecodeState:
+    """Decode steps until `limit` tokens were produced in all or every row stopped."""
+    TRACE_COUNTS["decode"] += 1
+    lm = _language_model(nnx.merge(graphdef, params))
+    limit = jnp.minimum(limit, state.tokens.shape[1])
+
+    def running(s: DecodeState):
+        return (s.step < limit) & ~jnp.all(s.done)
+
+    def step(s: DecodeState) -> DecodeState:
+        b = s.last.shape[0]
+        mask = make_decode_mask(jnp.full((b, 1), s.index, jnp.int32))
+        hidden, cache = lm(lm.embed(s.last[:, None]), positions=s.position[:, None], mask=mask, cache=s.cache)
+        key, sub = jax.random.split(s.key)
+        token = choose(lm.logits(hidden)[:, 0], sub, sampling, temperature, top_p)
+        token, done = _finish(token, s.done, stop)
+        tokens = jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step))
+        return DecodeState(cache=cache, tokens=tokens, last=token, position=s.position + 1, done=done,
+                           step=s.step + 1, index=s.index + 1, key=key)
+
+    return jax.lax.while_loop(running, step, state)
+
+
+def _left_pad(x: np.ndarray | None, length: int, value: int) -> np.ndarray | None:
+    if x is None:
+        return None
+    return np.pad(np.asarray(x, np.int32), ((0, 0), (length - x.shape[1], 0)), constant_values=value)
+
+
+class Decoding:
+    """One batch being generated: prefilled when built, advanced on the device by `advance`.
+
+    Build it with `start(...)`. `sequences()` gives prompt + the tokens produced so far (B, L + n).
+    """
+
+    def __init__(self, graphdef, params, state: DecodeState, prompt_ids: np.ndarray, max_new_tokens: int,
+                 sampling: SamplingConfig, stop: StopConfig, temperature, top_p):
+        self._graphdef, self._params, self._state = graphdef, params, state
+        self._prompt = prompt_ids
+        self.max_new_tokens = max_new_tokens
+        self._static = dict(sampling=sampling, stop=stop)
+        self._dynamic = (temperature, top_p)
+        self.produced = 1
+        self.finished = max_new_tokens <= 1 or bool(np.all(np.asarray(state.done)))
+
+    def advance(self, steps: int | None = None) -> np.ndarray:
+        """Run up to `steps` more decode steps (default: to the end) -> the new tokens (B, k) of this call."""
+        before = self.produced
+        if not self.finished:
+            target = self.max_new_tokens if steps is None else min(self.max_new_tokens, before + max(1, steps))
+            self._state = _decode(self._graphdef, self._params, self._state, jnp.int32(target), *self._dynamic,
+                                  **self._static)
+            self.produced = int(self._state.step)
+            self.finished = self.produced >= self.max_new_tokens or bool(np.all(np.asarray(self._state.done)))
+        return self.new_tokens()[:, before:self.produced] if before < self.produced else \
+            np.zeros((self._prompt.shape[0], 0), np.int32)
+
+    def new_tokens(self) -> np.ndarray:
+        """(B, n) the tokens produced so far (pad_token_id after a row's eos)."""
+        return np.asarray(self._state.tokens[:, :self.produced])
+
+    def sequences(self) -> np.ndarray:
+        """(B, L + n): the prompt ids as given, then the new tokens, like transformers' generate."""
+        return np.concatenate([self._prompt, self.new_tokens()], axis=1)
+
+
+def start(model: nnx.Module, input_ids, attention_mask=None, *, pixel_values=None, token_type_ids=None,
+          video=None, world_config=None, world_tokens: int = 0, max_new_tokens: int = 32,
+          do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+          top_p: float | None = None, seed: int = 0, eos_token_id: int | Sequence[int] | None = None,
+          pad_token_id: int | None = None, vocab_limit: int | None = None,
+          buckets: BucketPolicy = BucketPolicy()) -> Decoding:
+    """Prefill a batch and return its `Decoding` (see `generate` for the arguments)."""
+    gemma = model if isinstance(model, Gemma3Model) else model.gemma
+    config, text = gemma.config, gemma.config.text
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2 or 0 in ids.shape or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be a non-empty integer (batch, length) array, got shape {ids.shape} "
+                         f"and dtype {ids.dtype}")
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+    for name, x in (("attention_mask", mask), ("token_type_ids", token_type_ids)):
+        if x is not None and np.shape(x) != ids.shape:
+            raise ValueError(f"{name} has shape {np.shape(x)}, expected {ids.shape} (the shape of input_ids)")
+    real = mask.astype(bool).sum(axis=1)
+    if not real.all():
+        raise ValueError(f"row {int(np.argmin(real))} is all padding (attention_mask 0); every row needs a token")
+    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if (video is None) != (world_tokens == 0):
+        raise ValueError("video and world_tokens > 0 go together (world tokens come from the video)")
+    longest = int(real.max()) + world_tokens + max_new_tokens
+    if longest > text.max_position_embeddings:
+        raise ValueError(f"prompt ({int(real.max())} tokens + {world_tokens} world tokens) plus max_new_tokens "
+                         f"{max_new_tokens} is {longest}, more than max_position_embeddings "
+                         f"{text.max_position_embeddings}")
+    if pixel_values is not None and config.vision is not None:
+        n_tokens, n_features = int((ids == config.image_token_id).sum()), len(pixel_values) * config.mm_tokens_per_image
+        if n_tokens != n_features:
+            raise ValueError(f"input_ids hold {n_tokens} image tokens (id {config.image_token_id}) but "
+                             f"{len(pixel_values)} image(s) give {n_features} features; they must match")
+    eos = config.eos_token_id if eos_token_id is None else eos_token_id
+    eos = (int(eos),) if np.ndim(eos) == 0 else tuple(int(e) for e in eos)
+    pad = text.pad_token_id if pad_token_id is None else int(pad_token_id)
+    stop = StopConfig(eos_token_ids=eos, pad_token_id=pad)
+    sampling = SamplingConfig.make(vocab_limit=text.vocab_size if vocab_limit is None else int(vocab_limit),
+                                   vocab_size=text.vocab_size, do_sample=do_sample, temperature=temperature,
+                                   top_k=top_k, top_p=top_p)
+
+    length = buckets.length(ids.shape[1] + world_tokens) - world_tokens
+    batch = dict(input_ids=_left_pad(ids, length, pad), attention_mask=_left_pad(mask, length, 0),
+                 token_type_ids=_left_pad(token_type_ids, length, 0),
+                 pixel_values=None if pixel_values is None else jnp.asarray(np.asarray(pixel_values), gemma.dtype),
+                 video=None if video is None else jnp.asarray(video))
+    dynamic = (jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p))
+    graphdef, params = nnx.split(model)
+    state = _prefill(graphdef, params, batch, jax.random.key(seed), *dynamic, world_config=world_config,
+                     sampling=sampling, stop=stop, capacity=buckets.length(int(max_new_tokens)))
+    return Decoding(graphdef, params, state, ids.astype(np.int32), int(max_new_tokens), sampling, stop, *dynamic)
+
+
+def generate(model: nnx.Module, input_ids, attention_mask=None, **kwargs) -> np.ndarray:
+    """Prompt + new tokens (B, L + n) int32, n <= max_new_tokens (fewer when every row stopped early).
+
+    model: a Gemma3Model, or a TheWorldModel with `video` (B, T, H, W, 3) VAE input, `world_tokens` (N
+    per row) and `world_config` (a TheWorldConfig) when the world branch is used; input_ids (B, L) left
+    padded, world tokens already injected. pixel_values (N_img, C, S, S) and token_type_ids (B, L) as
+    for Gemma 3. Sampling: do_sample, temperature, top_k, top_p, seed. eos_token_id: an id, ids, or ()
+    for none (default: the config's); pad_token_id (default: the config's); vocab_limit: ids >= it are
+    never produced (default: the vocabulary size). buckets: the padding policy.
+    """
+    decoding = start(model, input_ids, attention_mask, **kwargs)
+    decoding.advance()
+    return decoding.sequences()
+
+
+def stream_text(decoding: Decoding, tokenizer, *, chunk: int = 1, skip_special_tokens: bool = True) -> Iterator[str]:
+    """Yield the answer of a batch-1 `Decoding` as text pieces, `chunk` tokens per device call.
+
+    Each piece is what the decoded text gained; text ending in an unfinished UTF-8 character waits.
+    """
+    if decoding.new_tokens().shape[0] != 1:
+        raise ValueError(f"streaming text needs a batch of one row, got {decoding.new_tokens().shape[0]}")
+    shown = ""
+    new = decoding.new_tokens()[0]
+    while True:
+        text = tokenizer.decode([int(t) for t in new], skip_special_tokens=skip_special_tokens)
+        if len(text) > len(shown) and (decoding.finished or not text.endswith("\ufffd")):
+            yield text[len(shown):]
+            shown = text
+        if decoding.finished:
+            return
+        decoding.advance(chunk)
+        new = decoding.new_tokens()[0]
