@@ -99,3 +99,6 @@ def test_bad_cache_use_is_rejected(setup):
     embeds = jnp.zeros((2, 1, config.hidden_size))
     with pytest.raises(ValueError, match="the KV cache is for batch 1"):
         decoder(embeds, positions=jnp.zeros((2, 1), jnp.int32), mask=make_decode_mask(jnp.zeros((2, 1))), cache=cache)
+    long = jnp.zeros((1, 9, config.hidden_size))
+    with pytest.raises(ValueError, match="9 new tokens do not fit a KV cache of max_length 8"):
+        decoder(long, positions=jnp.zeros((1, 9), jnp.int32), mask=make_attention_mask(jnp.ones((1, 9))), cache=cache)

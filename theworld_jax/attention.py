@@ -99,7 +99,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Attent
     if implementation == "xla":
         return _xla_attention(q, k, v, mask, window=window, scale=scale)
     if implementation == "cudnn":
-        return _cudnn_attention(q, k, v, window=window, scale=scale)
+        return _fused_causal_attention(q, k, v, window=window, scale=scale, backend="cudnn")
     raise ValueError(f"unknown attention implementation {implementation!r}; expected one of {IMPLEMENTATIONS}")
 
 
@@ -116,13 +116,13 @@ def _xla_attention(q, k, v, mask: AttentionMask, *, window, scale):
     return out.reshape(b, t, n, h).astype(q.dtype)
 
 
-def _cudnn_attention(q, k, v, *, window, scale):
-    """cuDNN fused attention. The caller guarantees the mask is plain causal (with `window`) over
-    q_index = k_index = arange(T): no padding, no bidirectional blocks, no cache."""
+def _fused_causal_attention(q, k, v, *, window, scale, backend: str):
+    """jax.nn.dot_product_attention (backend "cudnn" on GPU). The caller guarantees the mask is plain
+    causal (with `window`) over q_index = k_index = arange(T): no padding, no blocks, no cache."""
     if q.shape[1] != k.shape[1]:
         raise ValueError(
             f"implementation='cudnn' needs queries and keys of the same sequence (got T={q.shape[1]}, "
             f"S={k.shape[1]}): it handles only causal self-attention without a KV cache; use 'xla'")
     local = None if window is None else (window - 1, 0)
     return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=local,
-                                        implementation="cudnn")
+                                        implementation=backend)

@@ -131,3 +131,6 @@ class Gemma3TextDecoder(nnx.Module):
                 raise ValueError(f"the KV cache has {len(cache.layers)} layers, the model {cfg.num_hidden_layers}")
             if cache.layers[0].index.shape[0] != b:
                 raise ValueError(f"the KV cache is for batch {cache.layers[0].index.shape[0]}, the input has {b}")
+            max_length = max(cache.slot_counts())
+            if length > max_length:
+                raise ValueError(f"{length} new tokens do not fit a KV cache of max_length {max_length}")
