@@ -48,15 +48,3 @@ def detect(directory: str) -> str:
     raise ValueError(f"{directory!r} has model_type {model_type!r}; expected one of: "
                      + "; ".join(f"{k} ({v})" for k, v in KINDS.items()))
 
-
-def resolve_vae(path_or_id: str | None) -> str:
-    """The directory holding a diffusers AutoencoderKLWan config: `path_or_id` or its vae/ subfolder."""
-    if not path_or_id:
-        raise ValueError("the world branch needs cosmos_model_name: a diffusers VAE directory or hub id")
-    directory = resolve(path_or_id, subfolder="vae")
-    for candidate in (directory, os.path.join(directory, "vae")):
-        if os.path.exists(os.path.join(candidate, "config.json")):
-            raw = read_config(candidate)
-            if raw.get("_class_name") == "AutoencoderKLWan" or "z_dim" in raw:
-                return candidate
-    raise FileNotFoundError(f"{path_or_id!r} holds no AutoencoderKLWan config.json (directly or in vae/)")

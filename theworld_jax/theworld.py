@@ -88,10 +88,11 @@ class TheWorld:
                                  "one to add <start_of_world>/<end_of_world>")
             sow, eow = add_world_tokens(processor, gemma_config.text.vocab_size)
             config = dataclasses.replace(config, sow_token_id=sow, eow_token_id=eow)
-            vae_dir = sources.resolve_vae(config.cosmos_model_name)
-            vae = CosmosVAE.from_pretrained(vae_dir, dtype=dtype)
+            if not config.cosmos_model_name:
+                raise ValueError("the world branch needs cosmos_model_name: a diffusers VAE directory or hub id")
+            vae = CosmosVAE.from_pretrained(config.cosmos_model_name, dtype=dtype)
             vae_config = vae.config
-            raw[VAE_CONFIG_FILE] = sources.read_config(vae_dir)
+            raw[VAE_CONFIG_FILE] = vae_config.to_dict()
             if projector_ckpt is None:
                 projector = make_world_projector(config, gemma_config, vae_config, dtype=dtype,
                                                  rngs=nnx.Rngs(seed))
@@ -151,7 +152,7 @@ class TheWorld:
         """
         batch = self._prepare(input_ids, attention_mask, pixel_values, token_type_ids, images, labels,
                               position_ids)
-        return _forward(self._graphdef, self._state, config=self.config, **batch)
+        return _forward_jit(self._graphdef, self._state, config=self.config, **batch)
 
     def _prepare(self, input_ids, attention_mask, pixel_values, token_type_ids, images, labels,
                  position_ids) -> dict:
@@ -176,7 +177,7 @@ class TheWorld:
                 input_ids, attention_mask, token_type_ids, labels, bos_id=self.gemma_config.text.bos_token_id,
                 sow_id=c.sow_token_id, eow_id=c.eow_token_id)
             video = prepare_video(images, size=c.vae_image_size, value_range=c.vae_input_range)
-            check_fused_length(input_ids.shape[1] + self.num_world_tokens(video.shape[1]),
+            check_fused_length(input_ids.shape[1], self.num_world_tokens(video.shape[1]),
                                self.gemma_config.text.max_position_embeddings)
         if pixel_values is not None:
             pixel_values = jnp.asarray(np.asarray(pixel_values), self.model.gemma.dtype)
@@ -199,10 +200,6 @@ class TheWorld:
 def _forward_jit(graphdef, state, *, config, **batch) -> ForwardOutput:
     model = nnx.merge(graphdef, state)
     return model.forward(**batch, config=config)
-
-
-def _forward(graphdef, state, *, config, **batch) -> ForwardOutput:
-    return _forward_jit(graphdef, state, config=config, **batch)
 
 
 def _as_ids(name: str, value, shape: tuple[int, int] | None = None) -> np.ndarray:
