@@ -77,7 +77,8 @@ def test_layout_is_read_off_the_keys(hf, layout, expected):
     assert checkpoint_prefixes(layout_state_dict(hf, layout)) == expected
 
 
-def test_text_only_causal_lm_checkpoint(tmp_path):
+@pytest.fixture(scope="module")
+def text_only(tmp_path_factory):
     text_config = tiny_gemma3_config().text_config
     torch.manual_seed(0)
     hf = transformers.Gemma3ForCausalLM(text_config).float().eval()
@@ -86,14 +87,25 @@ def test_text_only_causal_lm_checkpoint(tmp_path):
             if "norm" in name:
                 param.normal_(0, 0.1)
         hf.model.embed_tokens.weight.normal_(0, 0.05)
-    hf.save_pretrained(tmp_path)
-    config, model = load_gemma3(str(tmp_path))
+    directory = tmp_path_factory.mktemp("text_only")
+    hf.save_pretrained(directory)
+    return hf, *load_gemma3(str(directory))
+
+
+def test_text_only_causal_lm_checkpoint(text_only):
+    hf, config, model = text_only
     assert config.vision is None and model.vision_tower is None
     ids = np.random.default_rng(0).integers(9, 280, (1, 20))
     with torch.no_grad():
         ref = hf(torch.from_numpy(ids)).logits.numpy()
     ours = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(ids)))
     assert np.abs(ours - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_text_only_model_rejects_pixel_values(text_only):
+    _, _, model = text_only
+    with pytest.raises(ValueError, match="text-only Gemma 3"):
+        model(jnp.asarray([[2, 9, 10]]), pixel_values=jnp.zeros((1, 3, 56, 56)))
 
 
 def test_missing_tensor_is_named(hf, tmp_path):

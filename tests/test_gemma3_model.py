@@ -161,3 +161,9 @@ def test_token_type_ids_of_wrong_length_are_rejected(tiny, image_inputs):
 def test_token_ids_outside_the_vocabulary_are_rejected(tiny):
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 300\)"):
         tiny.model(jnp.asarray([[2, 4, 300]]))
+
+
+def test_sequence_longer_than_the_model_allows_is_rejected(tiny):
+    ids = jnp.full((1, tiny.config.text.max_position_embeddings + 1), 9)
+    with pytest.raises(ValueError, match="513 tokens; this model allows at most 512"):
+        tiny.model(ids)

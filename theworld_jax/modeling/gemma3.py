@@ -64,8 +64,9 @@ class Gemma3Model(nnx.Module):
         embeds = self.language_model.embed(input_ids)
         if pixel_values is None:
             return embeds
-        if self.vision_tower is not None:
-            self.vision_tower.check_pixels(pixel_values)
+        if self.vision_tower is None:
+            raise ValueError("pixel_values were given, but this is a text-only Gemma 3 (no vision_config)")
+        self.vision_tower.check_pixels(pixel_values)
         n_features = pixel_values.shape[0] * cfg.mm_tokens_per_image
         if _is_concrete(input_ids):
             n_tokens = int(np.asarray(is_image).sum())
@@ -98,6 +99,9 @@ class Gemma3Model(nnx.Module):
         soft tokens (bidirectional blocks) or None (purely causal); position_ids default from the mask.
         """
         b, length = embeds.shape[:2]
+        if length > self.config.text.max_position_embeddings:
+            raise ValueError(f"the sequence has {length} tokens; this model allows at most "
+                             f"{self.config.text.max_position_embeddings} (max_position_embeddings)")
         _check_same_shape("attention_mask", attention_mask, (b, length))
         _check_same_shape("token_type_ids", token_type_ids, (b, length))
         _check_same_shape("position_ids", position_ids, (b, length))
