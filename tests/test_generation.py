@@ -1,5 +1,6 @@
 """Generation: greedy tokens against transformers' generate on tiny models; sampling; stopping; buckets."""
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -13,6 +14,10 @@ MAX_NEW = 16  # > the window (8): the sliding layers' ring buffer wraps during d
 TEXT = "<bos>The robot picks up the blue block and places it on top of the green one. A cat is"
 IMAGE_TEXTS = ["<bos>Describe <start_of_image> the scene in one sentence.",
                "<bos>A cat <start_of_image> is sitting on a red chair next to the window and the sun"]
+
+
+filter_logits = jax.jit(sampling.filter_logits, static_argnames="config")
+choose = jax.jit(sampling.choose, static_argnames="config")
 
 
 def rand_image(seed, shape=(40, 50, 3)):
@@ -104,3 +109,100 @@ def test_rows_stop_independently_at_eos(tiny, image_batch):
     end1 = stop1[0] + 1 if len(stop1) else free.shape[1]
     np.testing.assert_array_equal(new[1, :end1], free[1, :end1])
     assert new.shape[1] == end1  # the loop ends when the last row stopped
+
+
+def test_sampling_is_seeded(tiny, text_inputs):
+    _, processor, model = tiny
+    kw = dict(do_sample=True, temperature=1.5, top_k=50, top_p=0.95)
+    first = jax_generate(model, processor, text_inputs, seed=0, **kw)
+    np.testing.assert_array_equal(jax_generate(model, processor, text_inputs, seed=0, **kw), first)
+    other = jax_generate(model, processor, text_inputs, seed=1, **kw)
+    length = text_inputs["input_ids"].shape[1]
+    assert not np.array_equal(other[:, length:], first[:, length:])
+
+
+def test_filters_match_transformers_warpers():
+    from transformers.generation.logits_process import (SuppressTokensLogitsProcessor, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    vocab, limit = 300, 280
+    logits = np.random.RandomState(0).randn(6, vocab).astype(np.float32) * 3
+    for temperature, top_k, top_p in ((0.7, 20, None), (1.3, None, 0.8), (1.0, 40, 0.5), (0.5, 1, None)):
+        config = sampling.SamplingConfig.make(vocab_limit=limit, vocab_size=vocab, do_sample=True,
+                                              temperature=temperature, top_k=top_k, top_p=top_p)
+        ours = np.asarray(filter_logits(logits, config, np.float32(temperature),
+                                                 np.float32(1.0 if top_p is None else top_p)))
+        ref = torch.from_numpy(logits)
+        ids = torch.zeros((6, 1), dtype=torch.long)
+        processors = [SuppressTokensLogitsProcessor(list(range(limit, vocab))), TemperatureLogitsWarper(temperature)]
+        processors += [TopKLogitsWarper(top_k)] if top_k else []
+        processors += [TopPLogitsWarper(top_p)] if top_p else []
+        for p in processors:
+            ref = p(ids, ref)
+        ref = ref.numpy()
+        np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(ref))
+        np.testing.assert_allclose(ours[np.isfinite(ours)], ref[np.isfinite(ref)], rtol=1e-6)
+
+
+def test_choose_never_picks_ids_past_the_limit():
+    logits = np.zeros((4, 10), np.float32)
+    logits[:, 8] = 5.0  # the best id is past the limit
+    logits[:, 3] = 1.0
+    greedy = sampling.SamplingConfig.make(vocab_limit=8, vocab_size=10)
+    key = jax.random.key(0)
+    assert (np.asarray(choose(logits, key, greedy, 1.0, 1.0)) == 3).all()
+    sample = sampling.SamplingConfig.make(vocab_limit=8, vocab_size=10, do_sample=True, temperature=5.0)
+    drawn = np.asarray(choose(np.tile(logits, (500, 1)), key, sample, np.float32(5.0), np.float32(1.0)))
+    assert drawn.max() < 8 and len(set(drawn.tolist())) == 8
+
+
+def test_samples_follow_the_filtered_distribution():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
+    config = sampling.SamplingConfig.make(vocab_limit=4, vocab_size=4, do_sample=True, top_p=0.7)
+    draws = np.asarray(choose(np.tile(logits, (20000, 1)), jax.random.key(3), config,
+                                       np.float32(1.0), np.float32(0.7)))
+    freq = np.bincount(draws, minlength=4) / len(draws)
+    np.testing.assert_allclose(freq, [0.5 / 0.8, 0.3 / 0.8, 0, 0], atol=0.015)  # nucleus {0, 1}, renormalised
+
+
+def test_ten_prompt_lengths_compile_a_few_programs(tiny):
+    _, processor, model = tiny
+    ids = processor.tokenizer([TEXT], return_tensors="np")["input_ids"][0]
+    lengths = [10, 13, 17, 21, 26, 31, 37, 44, 51, 58]
+    assert len(ids) >= max(lengths)
+    policy = generation.BucketPolicy()
+    before = dict(generation.TRACE_COUNTS)
+    for n in lengths:
+        out = jax_generate(model, processor, dict(input_ids=ids[None, :n]))
+        assert out.shape[0] == 1 and out.shape[1] > n
+    buckets = {policy.length(n) for n in lengths}
+    assert buckets == {32, 64}
+    for program in ("prefill", "decode"):
+        assert generation.TRACE_COUNTS[program] - before.get(program, 0) <= len(buckets)
+
+
+class IdText:
+    """A tokenizer stand-in whose text is always complete: one word per id."""
+
+    @staticmethod
+    def decode(ids, skip_special_tokens=True):
+        return "".join(f" {i}" for i in ids)
+
+
+def test_stream_text_yields_pieces_as_tokens_come(tiny, text_inputs):
+    _, processor, model = tiny
+    decoding = generation.start(model, **text_inputs, max_new_tokens=MAX_NEW, vocab_limit=len(processor.tokenizer),
+                                eos_token_id=())
+    pieces = list(generation.stream_text(decoding, IdText, chunk=3))
+    new = decoding.new_tokens()[0].tolist()
+    assert len(new) == MAX_NEW
+    assert pieces == [IdText.decode(new[:1])] + [IdText.decode(new[i:i + 3]) for i in range(1, MAX_NEW, 3)]
+
+
+def test_stream_text_adds_up_to_the_decoded_answer(tiny, text_inputs):
+    _, processor, model = tiny
+    tokenizer = processor.tokenizer
+    decoding = generation.start(model, **text_inputs, max_new_tokens=MAX_NEW, vocab_limit=len(tokenizer))
+    text = "".join(generation.stream_text(decoding, tokenizer, chunk=4))
+    assert text == tokenizer.decode(decoding.new_tokens()[0].tolist(), skip_special_tokens=True)
+    np.testing.assert_array_equal(decoding.sequences(), jax_generate(model, processor, text_inputs))

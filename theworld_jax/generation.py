@@ -49,12 +49,7 @@ class BucketPolicy:
         return -(-int(n) // self.granule) * self.granule
 
 
-@dataclasses.dataclass(frozen=True)
-class StopConfig:
-    """Per-row stopping: after any of `eos_token_ids` (empty: never); then `pad_token_id` is emitted."""
-
-    eos_token_ids: tuple[int, ...]
-    pad_token_id: int
+EOS_SLOTS = 8  # eos ids travel as a traced (EOS_SLOTS,) array padded with -1: changing them recompiles nothing
 
 
 @struct.dataclass
@@ -92,17 +87,15 @@ def _lm_inputs(model, batch: dict, world_config):
     return fused.embeds, fused.attention_mask, fused.token_type_ids, fused.positions
 
 
-def _finish(token, done, stop: StopConfig):
-    """Pad finished rows, then mark rows whose token is an eos id as finished."""
-    token = jnp.where(done, stop.pad_token_id, token)
-    if stop.eos_token_ids:
-        done = done | jnp.isin(token, jnp.asarray(stop.eos_token_ids, jnp.int32))
-    return token, done
+def _finish(token, done, eos: jax.Array, pad_token_id: int):
+    """Pad finished rows, then mark rows whose token is one of `eos` (EOS_SLOTS,) as finished."""
+    token = jnp.where(done, pad_token_id, token)
+    return token, done | jnp.any(token[:, None] == eos[None, :], axis=1)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "world_config", "sampling", "stop", "capacity"))
-def _prefill(graphdef, params, batch: dict, key, temperature, top_p, *, world_config, sampling: SamplingConfig,
-             stop: StopConfig, capacity: int) -> DecodeState:
+@partial(jax.jit, static_argnames=("graphdef", "world_config", "sampling", "pad_token_id", "capacity"))
+def _prefill(graphdef, params, batch: dict, key, temperature, top_p, eos, *, world_config,
+             sampling: SamplingConfig, pad_token_id: int, capacity: int) -> DecodeState:
     TRACE_COUNTS["prefill"] += 1
     model = nnx.merge(graphdef, params)
     lm = _language_model(model)
@@ -112,15 +105,15 @@ def _prefill(graphdef, params, batch: dict, key, temperature, top_p, *, world_co
     hidden, cache = lm(embeds, positions=positions, mask=make_attention_mask(mask, types), cache=cache)
     key, sub = jax.random.split(key)
     token = choose(lm.logits(hidden[:, -1:])[:, 0], sub, sampling, temperature, top_p)
-    token, done = _finish(token, jnp.zeros((b,), bool), stop)
-    tokens = jnp.full((b, capacity), stop.pad_token_id, jnp.int32).at[:, 0].set(token)
+    token, done = _finish(token, jnp.zeros((b,), bool), eos, pad_token_id)
+    tokens = jnp.full((b, capacity), pad_token_id, jnp.int32).at[:, 0].set(token)
     return DecodeState(cache=cache, tokens=tokens, last=token, position=positions[:, -1] + 1, done=done,
                        step=jnp.int32(1), index=jnp.int32(length), key=key)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "sampling", "stop"), donate_argnames=("state",))
-def _decode(graphdef, params, state: DecodeState, limit, temperature, top_p, *, sampling: SamplingConfig,
-            stop: StopConfig) -> DecodeState:
+@partial(jax.jit, static_argnames=("graphdef", "sampling", "pad_token_id"), donate_argnames=("state",))
+def _decode(graphdef, params, state: DecodeState, limit, temperature, top_p, eos, *, sampling: SamplingConfig,
+            pad_token_id: int) -> DecodeState:
     """Decode steps until `limit` tokens were produced in all or every row stopped."""
     TRACE_COUNTS["decode"] += 1
     lm = _language_model(nnx.merge(graphdef, params))
@@ -135,7 +128,7 @@ def _decode(graphdef, params, state: DecodeState, limit, temperature, top_p, *, 
         hidden, cache = lm(lm.embed(s.last[:, None]), positions=s.position[:, None], mask=mask, cache=s.cache)
         key, sub = jax.random.split(s.key)
         token = choose(lm.logits(hidden)[:, 0], sub, sampling, temperature, top_p)
-        token, done = _finish(token, s.done, stop)
+        token, done = _finish(token, s.done, eos, pad_token_id)
         tokens = jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step))
         return DecodeState(cache=cache, tokens=tokens, last=token, position=s.position + 1, done=done,
                            step=s.step + 1, index=s.index + 1, key=key)
@@ -156,12 +149,12 @@ class Decoding:
     """
 
     def __init__(self, graphdef, params, state: DecodeState, prompt_ids: np.ndarray, max_new_tokens: int,
-                 sampling: SamplingConfig, stop: StopConfig, temperature, top_p):
+                 static: dict, dynamic: tuple):
         self._graphdef, self._params, self._state = graphdef, params, state
         self._prompt = prompt_ids
         self.max_new_tokens = max_new_tokens
-        self._static = dict(sampling=sampling, stop=stop)
-        self._dynamic = (temperature, top_p)
+        self._static = static  # sampling, pad_token_id
+        self._dynamic = dynamic  # temperature, top_p, eos
         self.produced = 1
         self.finished = max_new_tokens <= 1 or bool(np.all(np.asarray(state.done)))
 
@@ -221,9 +214,10 @@ def start(model: nnx.Module, input_ids, attention_mask=None, *, pixel_values=Non
             raise ValueError(f"input_ids hold {n_tokens} image tokens (id {config.image_token_id}) but "
                              f"{len(pixel_values)} image(s) give {n_features} features; they must match")
     eos = config.eos_token_id if eos_token_id is None else eos_token_id
-    eos = (int(eos),) if np.ndim(eos) == 0 else tuple(int(e) for e in eos)
+    eos = [int(eos)] if np.ndim(eos) == 0 else [int(e) for e in eos]
+    if len(eos) > EOS_SLOTS or any(e < 0 for e in eos):
+        raise ValueError(f"eos_token_id must be at most {EOS_SLOTS} non-negative ids, got {eos}")
     pad = text.pad_token_id if pad_token_id is None else int(pad_token_id)
-    stop = StopConfig(eos_token_ids=eos, pad_token_id=pad)
     sampling = SamplingConfig.make(vocab_limit=text.vocab_size if vocab_limit is None else int(vocab_limit),
                                    vocab_size=text.vocab_size, do_sample=do_sample, temperature=temperature,
                                    top_k=top_k, top_p=top_p)
@@ -233,11 +227,13 @@ def start(model: nnx.Module, input_ids, attention_mask=None, *, pixel_values=Non
                  token_type_ids=_left_pad(token_type_ids, length, 0),
                  pixel_values=None if pixel_values is None else jnp.asarray(np.asarray(pixel_values), gemma.dtype),
                  video=None if video is None else jnp.asarray(video))
-    dynamic = (jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p))
+    dynamic = (jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p),
+               jnp.asarray(eos + [-1] * (EOS_SLOTS - len(eos)), jnp.int32))
+    static = dict(sampling=sampling, pad_token_id=pad)
     graphdef, params = nnx.split(model)
     state = _prefill(graphdef, params, batch, jax.random.key(seed), *dynamic, world_config=world_config,
-                     sampling=sampling, stop=stop, capacity=buckets.length(int(max_new_tokens)))
-    return Decoding(graphdef, params, state, ids.astype(np.int32), int(max_new_tokens), sampling, stop, *dynamic)
+                     capacity=buckets.length(int(max_new_tokens)), **static)
+    return Decoding(graphdef, params, state, ids.astype(np.int32), int(max_new_tokens), static, dynamic)
 
 
 def generate(model: nnx.Module, input_ids, attention_mask=None, **kwargs) -> np.ndarray:
