@@ -12,6 +12,7 @@ from tiny_gemma import build_processor, build_tiny_gemma3, save_tiny_gemma3, tin
 
 MAX_NEW = 16  # > the window (8): the sliding layers' ring buffer wraps during decoding
 TEXT = "<bos>The robot picks up the blue block and places it on top of the green one. A cat is"
+WORLD_SIZE = (32, 32)  # the tiny VAE's spatial factor is 8: 4x4 latents, 16 world tokens
 IMAGE_TEXTS = ["<bos>Describe <start_of_image> the scene in one sentence.",
                "<bos>A cat <start_of_image> is sitting on a red chair next to the window and the sun"]
 
@@ -109,6 +110,60 @@ def test_rows_stop_independently_at_eos(tiny, image_batch):
     end1 = stop1[0] + 1 if len(stop1) else free.shape[1]
     np.testing.assert_array_equal(new[1, :end1], free[1, :end1])
     assert new.shape[1] == end1  # the loop ends when the last row stopped
+
+
+@pytest.fixture(scope="module")
+def world(tiny, tmp_path_factory):
+    """(JAX TheWorld float32, PyTorch reference composition) on the same Gemma, VAE and projector."""
+    import jax.numpy as jnp
+
+    import theworld_reference as ref
+    from theworld_jax import TheWorld
+    from theworld_jax.weights.world_projector_keys import export_world_projector
+    from tiny_vae import make_tiny_vae
+
+    hf, processor, _ = tiny
+    root = tmp_path_factory.mktemp("world")
+    save_tiny_gemma3(hf, processor, str(root / "gemma"))
+    vae = make_tiny_vae(str(root / "vae"), "cosmos_like").float().eval()
+    model = TheWorld.from_pretrained(str(root / "gemma"), enable_world=True, cosmos_model_name=str(root / "vae"),
+                                     dtype=jnp.float32, vae_image_size=WORLD_SIZE)
+    exported = export_world_projector(model.model.world_projector, prefix="")
+    first = exported["projection.0.weight"]
+    projector = ref.TorchWorldProjector(first.shape[1], first.shape[0], model.config.projection_architecture)
+    projector.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in exported.items()})
+    c = model.config
+    reference = ref.TheWorldReference(hf, vae, projector.eval(), c.sow_token_id, c.eow_token_id,
+                                      mode=c.world_projection_mode, vae_size=WORLD_SIZE)
+    return model, reference
+
+
+def reference_greedy(reference, inputs: dict, images, steps: int, vocab_limit: int) -> np.ndarray:
+    """No-cache greedy loop over the PyTorch composition: (B, steps) new tokens, never an id >= vocab_limit."""
+    t = {k: torch.as_tensor(np.asarray(v)) for k, v in inputs.items()}
+    new = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits, _ = reference(t["input_ids"], t["attention_mask"], t["pixel_values"], t["token_type_ids"],
+                                  images=images)
+            token = logits[:, -1, :vocab_limit].argmax(-1, keepdim=True)
+            new.append(token)
+            for key, value in (("input_ids", token), ("attention_mask", torch.ones_like(token)),
+                               ("token_type_ids", torch.zeros_like(token))):
+                t[key] = torch.cat([t[key], value], dim=1)
+    return torch.cat(new, dim=1).numpy()
+
+
+def test_greedy_with_world_tokens_matches_reference(world, tiny, image_batch):
+    model, reference = world
+    images = [np.asarray(rand_image(5)), np.asarray(rand_image(6, (30, 20, 3)))]
+    limit = len(tiny[1].tokenizer)
+    expected = reference_greedy(reference, image_batch, images, MAX_NEW, limit)
+    assert_varied(expected[0])
+    out = model.generate(**image_batch, images=images, max_new_tokens=MAX_NEW, eos_token_id=())
+    length = image_batch["input_ids"].shape[1] + 2  # <start_of_world><end_of_world> injected
+    assert (out[:, 1:length] == model.config.sow_token_id).any(axis=1).all()
+    np.testing.assert_array_equal(out[:, length:], expected)
 
 
 def test_sampling_is_seeded(tiny, text_inputs):

@@ -269,3 +269,20 @@ def stream_text(decoding: Decoding, tokenizer, *, chunk: int = 1, skip_special_t
             return
         decoding.advance(chunk)
         new = decoding.new_tokens()[0]
+
+
+def start_theworld(world, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None, images=None,
+                   **kwargs) -> Decoding:
+    """`start` for a public `TheWorld`: world tokens injected and the VAE input built from `images` (one
+    per row) as its forward does; ids past the tokenizer's original length are never produced."""
+    from theworld_jax.processing import original_vocab_size
+
+    batch = world._prepare(input_ids, attention_mask, pixel_values, token_type_ids, images, None, None)
+    video = batch["video"]
+    n_world = 0 if video is None else world.num_world_tokens(video.shape[1])
+    kwargs.setdefault("vocab_limit", original_vocab_size(world.processor, world.gemma_config.text.vocab_size))
+    types = batch["token_type_ids"]
+    return start(world.model, np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"]),
+                 pixel_values=batch["pixel_values"], token_type_ids=None if types is None else np.asarray(types),
+                 video=video, world_config=None if video is None else world.config, world_tokens=n_world,
+                 **kwargs)

@@ -188,6 +188,29 @@ class TheWorld:
                     position_ids=None if position_ids is None else jnp.asarray(position_ids),
                     video=None if video is None else jnp.asarray(video))
 
+    # ------------------------------------------------------------------ generation
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None, images=None, *,
+                 max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 0, **kwargs) -> np.ndarray:
+        """Prompt (with the world tokens when injected) + new tokens (B, L + n), like transformers'
+        generate; `kwargs`: eos_token_id, pad_token_id, vocab_limit, buckets (theworld_jax.generation)."""
+        from theworld_jax.generation import start_theworld
+
+        decoding = start_theworld(self, input_ids, attention_mask, pixel_values, token_type_ids, images,
+                                  max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, seed=seed, **kwargs)
+        decoding.advance()
+        return decoding.sequences()
+
+    def generate_stream(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None,
+                        images=None, *, chunk: int = 1, **kwargs):
+        """An iterator of text pieces of a one-row prompt's answer as it is produced (`chunk` tokens per
+        device call); `kwargs` as for `generate`."""
+        from theworld_jax.generation import start_theworld, stream_text
+
+        decoding = start_theworld(self, input_ids, attention_mask, pixel_values, token_type_ids, images, **kwargs)
+        return stream_text(decoding, self.processor.tokenizer, chunk=chunk)
+
     def num_world_tokens(self, frames: int = 1) -> int:
         """World tokens per row for a clip of `frames` frames (1 for an image)."""
         from theworld_jax.modeling.world_projector import num_world_tokens
