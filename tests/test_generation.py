@@ -1,5 +1,7 @@
 """Generation: greedy tokens against transformers' generate on tiny models; sampling; stopping; buckets."""
 
+import io
+
 import jax
 import numpy as np
 import pytest
@@ -135,7 +137,7 @@ def world(tiny, tmp_path_factory):
     c = model.config
     reference = ref.TheWorldReference(hf, vae, projector.eval(), c.sow_token_id, c.eow_token_id,
                                       mode=c.world_projection_mode, vae_size=WORLD_SIZE)
-    return model, reference
+    return model, reference, root
 
 
 def reference_greedy(reference, inputs: dict, images, steps: int, vocab_limit: int) -> np.ndarray:
@@ -155,7 +157,7 @@ def reference_greedy(reference, inputs: dict, images, steps: int, vocab_limit: i
 
 
 def test_greedy_with_world_tokens_matches_reference(world, tiny, image_batch):
-    model, reference = world
+    model, reference, _ = world
     images = [np.asarray(rand_image(5)), np.asarray(rand_image(6, (30, 20, 3)))]
     limit = len(tiny[1].tokenizer)
     expected = reference_greedy(reference, image_batch, images, MAX_NEW, limit)
@@ -261,3 +263,22 @@ def test_stream_text_adds_up_to_the_decoded_answer(tiny, text_inputs):
     text = "".join(generation.stream_text(decoding, tokenizer, chunk=4))
     assert text == tokenizer.decode(decoding.new_tokens()[0].tolist(), skip_special_tokens=True)
     np.testing.assert_array_equal(decoding.sequences(), jax_generate(model, processor, text_inputs))
+
+
+def test_chat_prints_the_greedy_answer(world, tmp_path):
+    from theworld_jax import chat
+
+    model, _, root = world
+    image = rand_image(7)
+    image.save(tmp_path / "scene.png")
+    out = io.StringIO()
+    argv = ["--model", str(root / "gemma"), "--cosmos", str(root / "vae"), "--image", str(tmp_path / "scene.png"),
+            "--prompt", "What is in this image?", "--max-new-tokens", "6", "--dtype", "float32",
+            "--vae-image-size", *map(str, WORLD_SIZE)]
+    assert chat.main(argv, out=out) == 0
+    inputs = chat.chat_inputs(model.processor, "What is in this image?", image)
+    assert "pixel_values" in inputs and "token_type_ids" in inputs
+    tokens = model.generate(**inputs, images=[image], max_new_tokens=6)
+    answer = model.processor.tokenizer.decode(tokens[0, inputs["input_ids"].shape[1] + 2:].tolist(),
+                                              skip_special_tokens=True)
+    assert answer and out.getvalue() == answer + "\n"
