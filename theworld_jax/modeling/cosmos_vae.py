@@ -8,6 +8,7 @@ as in diffusers. `CosmosVAE.decode` decodes latent frame by latent frame the sam
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import jax
@@ -171,7 +172,8 @@ class CosmosVAE(nnx.Module):
         if not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(f"video must be floating point in [-1, 1]; got dtype {dtype} "
                              "(use theworld_jax.vae_processing.prepare_video for uint8 images)")
-        return jnp.asarray(video, self.dtype)
+        used = 1 + (shape[1] - 1) // cfg.chunk_frames * cfg.chunk_frames  # diffusers drops the rest
+        return jnp.asarray(video[:, :used], self.dtype)
 
     def _check_latents(self, latents) -> jax.Array:
         z = self.config.z_dim
@@ -188,17 +190,23 @@ class _Runner:
 
     def __init__(self, model: nnx.Module, method: str):
         graphdef, state = nnx.split(model)
-        paths = [path for path, _ in nnx.to_flat_state(state)]
+        paths = tuple(path for path, _ in nnx.to_flat_state(state))
         live = {tuple(p): v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
         self.variables = [live[p] for p in paths]
-
-        def run(values, x):
-            return getattr(nnx.merge(graphdef, nnx.from_flat_state(list(zip(paths, values)))), method)(x)
-
-        self.fn = jax.jit(run)
+        self.fn = _jitted(graphdef, paths, method)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fn([v.get_value() for v in self.variables], x)
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted(graphdef, paths: tuple, method: str):
+    """One jitted function per model structure, shared by all models of that structure."""
+
+    def run(values, x):
+        return getattr(nnx.merge(graphdef, nnx.from_flat_state(list(zip(paths, values)))), method)(x)
+
+    return jax.jit(run)
 
 
 _RUNNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
