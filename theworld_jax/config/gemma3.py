@@ -18,6 +18,10 @@ _LEGACY_FIELDS = frozenset({
     "cache_implementation", "transformers_version", "architectures", "_name_or_path", "model_type",
     "attn_implementation", "dtype", "pad_token_id", "bos_token_id", "eos_token_id", "use_cache",
     "final_logit_softcapping", "attn_logit_softcapping", "image_token_id", "boi_token_id", "eoi_token_id",
+    # Fields some transformers versions write and others lack (the check uses the installed version).
+    "vision_use_head", "use_bidirectional_attention", "_sliding_window_pattern", "rope_parameters", "layer_types",
+    "output_attentions", "output_hidden_states", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder",
+    "id2label", "label2id", "problem_type", "tie_word_embeddings", "initializer_range", "attention_dropout",
 })
 
 
