@@ -127,17 +127,11 @@ class CosmosVAE(nnx.Module):
 
     def encode(self, video) -> jax.Array:
         """video (B, T, H, W, 3) in [-1, 1] -> posterior mean (B, 1+(T-1)//4, H/f, W/f, z_dim), jitted."""
-        x = self._check_video(video)
-        if isinstance(x, jax.core.Tracer):
-            return self.encode_mean(x)
-        return _runner(self, "encode_mean")(x)
+        return _runner(self, "encode_mean")(self._check_video(video))
 
     def decode(self, latents) -> jax.Array:
         """latents (B, T', h, w, z_dim) -> video (B, 1+4(T'-1), h*f, w*f, 3) clamped to [-1, 1], jitted."""
-        z = self._check_latents(latents)
-        if isinstance(z, jax.core.Tracer):
-            return self.decode_frames(z)
-        return _runner(self, "decode_frames")(z)
+        return _runner(self, "decode_frames")(self._check_latents(latents))
 
     def encode_mean(self, x: jax.Array) -> jax.Array:
         """The traceable encode (no input checks, no jit); x (B, T, H, W, Cin)."""
@@ -173,7 +167,7 @@ class CosmosVAE(nnx.Module):
             raise ValueError(f"video must be floating point in [-1, 1]; got dtype {dtype} "
                              "(use theworld_jax.vae_processing.prepare_video for uint8 images)")
         used = 1 + (shape[1] - 1) // cfg.chunk_frames * cfg.chunk_frames  # diffusers drops the rest
-        return jnp.asarray(video[:, :used], self.dtype)
+        return jnp.asarray(video if used == shape[1] else video[:, :used], self.dtype)
 
     def _check_latents(self, latents) -> jax.Array:
         z = self.config.z_dim
@@ -186,7 +180,8 @@ class CosmosVAE(nnx.Module):
 class _Runner:
     """`getattr(model, method)` compiled once: the graph is split on creation and the live parameter
     values are read on each call, so calls cost a jitted dispatch, not an NNX graph traversal. (The
-    module structure must not change after the first call; parameter values may.)"""
+    module structure must not change after the first call; parameter values may.) Under an outer
+    trace (a model holding tracers) the call is simply inlined into that trace as a nested jit."""
 
     def __init__(self, model: nnx.Module, method: str):
         graphdef, state = nnx.split(model)
