@@ -198,7 +198,7 @@ def run_jax(args, config) -> dict:
     bandwidth = copy_bandwidth(args.tiny)
     log(f"copy bandwidth {bandwidth['bytes_per_s'] / 1e12:.3f} TB/s")
     weight_bytes = tree_bytes(nnx.state(model.language_model, nnx.Param))
-    kw = dict(max_new_tokens=args.new_tokens, eos_token_id=())
+    kw = dict(max_new_tokens=args.new_tokens, eos_token_id=(), split=nnx.split(model))
     out = {}
     for b in args.batches:
         ids = prompt_ids(b, args.prompt_len, cfg.text.bos_token_id, args.tiny, args.seed)
@@ -275,7 +275,8 @@ def run_world(args, model, cfg) -> dict:
     pixels = rng.uniform(-1, 1, (1, 3, side, side)).astype(np.float32)
     video = rng.uniform(-1, 1, (1, 1, *size, 3)).astype(np.float32)
     kw = dict(pixel_values=pixels, token_type_ids=types, video=jnp.asarray(video, jnp.bfloat16),
-              world_config=world_cfg, world_tokens=n_world, max_new_tokens=args.new_tokens, eos_token_id=())
+              world_config=world_cfg, world_tokens=n_world, max_new_tokens=args.new_tokens, eos_token_id=(),
+              split=nnx.split(world_model))
     log(f"theworld_jax fused prefill: {ids.shape[1]} ids + {n_world} world tokens")
     first, prefill, times = timed(lambda: generation.start(world_model, ids, **kw), args.repeats)
     log(f"  fused prefill {1e3 * prefill:.1f} ms")

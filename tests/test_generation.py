@@ -282,3 +282,23 @@ def test_chat_prints_the_greedy_answer(world, tmp_path):
     answer = model.processor.tokenizer.decode(tokens[0, inputs["input_ids"].shape[1] + 2:].tolist(),
                                               skip_special_tokens=True)
     assert answer and out.getvalue() == answer + "\n"
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
+    (dict(do_sample=True, temperature=0.0), "temperature must be > 0"),
+    (dict(do_sample=True, top_p=1.5), "top_p must be in"),
+    (dict(do_sample=True, top_k=0), "top_k must be a positive integer"),
+    (dict(max_new_tokens=600), "more than max_position_embeddings"),
+    (dict(attention_mask=np.zeros((1, 5), np.int32)), "row 0 is all padding"),
+    (dict(attention_mask=np.ones((1, 4), np.int32)), "attention_mask has shape"),
+    (dict(input_ids=np.zeros((1, 0), np.int32)), "input_ids must be a non-empty"),
+    (dict(vocab_limit=400), "vocab_limit must be in"),
+    (dict(pixel_values=np.zeros((1, 3, 56, 56), np.float32)), "image tokens"),
+])
+def test_bad_input_is_a_clear_error(tiny, change, message):
+    _, _, model = tiny
+    kwargs = dict(input_ids=np.array([[2, 40, 41, 42, 43]], np.int32), max_new_tokens=4)
+    kwargs.update(change)
+    with pytest.raises(ValueError, match=message):
+        generation.generate(model, **kwargs)

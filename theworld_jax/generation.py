@@ -184,8 +184,9 @@ def start(model: nnx.Module, input_ids, attention_mask=None, *, pixel_values=Non
           do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
           top_p: float | None = None, seed: int = 0, eos_token_id: int | Sequence[int] | None = None,
           pad_token_id: int | None = None, vocab_limit: int | None = None,
-          buckets: BucketPolicy = BucketPolicy()) -> Decoding:
-    """Prefill a batch and return its `Decoding` (see `generate` for the arguments)."""
+          buckets: BucketPolicy = BucketPolicy(), split: tuple | None = None) -> Decoding:
+    """Prefill a batch and return its `Decoding` (see `generate` for the arguments; `split`: the
+    model's `nnx.split(model)` when the caller keeps one, saving a split per call)."""
     gemma = model if isinstance(model, Gemma3Model) else model.gemma
     config, text = gemma.config, gemma.config.text
     ids = np.asarray(input_ids)
@@ -230,7 +231,7 @@ def start(model: nnx.Module, input_ids, attention_mask=None, *, pixel_values=Non
     dynamic = (jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p),
                jnp.asarray(eos + [-1] * (EOS_SLOTS - len(eos)), jnp.int32))
     static = dict(sampling=sampling, pad_token_id=pad)
-    graphdef, params = nnx.split(model)
+    graphdef, params = nnx.split(model) if split is None else split
     state = _prefill(graphdef, params, batch, jax.random.key(seed), *dynamic, world_config=world_config,
                      capacity=buckets.length(int(max_new_tokens)), **static)
     return Decoding(graphdef, params, state, ids.astype(np.int32), int(max_new_tokens), static, dynamic)
@@ -285,4 +286,4 @@ def start_theworld(world, input_ids, attention_mask=None, pixel_values=None, tok
     return start(world.model, np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"]),
                  pixel_values=batch["pixel_values"], token_type_ids=None if types is None else np.asarray(types),
                  video=video, world_config=None if video is None else world.config, world_tokens=n_world,
-                 **kwargs)
+                 split=(world._graphdef, world._state), **kwargs)
