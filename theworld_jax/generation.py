@@ -167,12 +167,11 @@ class Decoding:
                                   **self._static)
             self.produced = int(self._state.step)
             self.finished = self.produced >= self.max_new_tokens or bool(np.all(np.asarray(self._state.done)))
-        return self.new_tokens()[:, before:self.produced] if before < self.produced else \
-            np.zeros((self._prompt.shape[0], 0), np.int32)
+        return self.new_tokens()[:, before:]
 
     def new_tokens(self) -> np.ndarray:
         """(B, n) the tokens produced so far (pad_token_id after a row's eos)."""
-        return np.asarray(self._state.tokens[:, :self.produced])
+        return np.asarray(self._state.tokens)[:, :self.produced]
 
     def sequences(self) -> np.ndarray:
         """(B, L + n): the prompt ids as given, then the new tokens, like transformers' generate."""
