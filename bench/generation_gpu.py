@@ -1,6 +1,6 @@
 """Generation speed on one GPU: theworld_jax (jit prefill + on-device decode loop) against transformers.
 
-The gemma-3-4b-it config (bench/gemma3_gpu_parity.py) with random bfloat16 weights on both sides
+The gemma-3-4b-it config (bench/common.py) with random bfloat16 weights on both sides
 (transformers' init with the tied embedding at std 0.02; every JAX parameter N(0, 0.02^2)): speed does not
 depend on the values, so the two sides need not share them. Same card, same run, transformers first (its memory is freed before JAX runs).
 
@@ -42,22 +42,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(BENCH), "tests"))
 sys.path.insert(0, BENCH)
 
-from gemma3_gpu_parity import GEMMA3_4B_CONFIG, TEXT_IDS  # noqa: E402
-
-_T0 = time.perf_counter()
-
-
-def log(message: str) -> None:
-    print(f"[{time.perf_counter() - _T0:7.1f}s] {message}", flush=True)
-
-
-def hf_config(tiny: bool):
-    import transformers
-
-    if tiny:
-        from tiny_gemma import tiny_gemma3_config
-        return tiny_gemma3_config()
-    return transformers.Gemma3Config(**GEMMA3_4B_CONFIG)
+from common import TEXT_IDS, hf_config, log  # noqa: E402
 
 
 def prompt_ids(batch: int, length: int, bos: int, tiny: bool, seed: int) -> np.ndarray:
