@@ -159,6 +159,10 @@ class TheWorld:
         """Host-side checks and conversion; world tokens injected and the VAE input built."""
         input_ids = _as_ids("input_ids", input_ids)
         b, length = input_ids.shape
+        vocab = self.gemma_config.text.vocab_size
+        if input_ids.min() < 0 or input_ids.max() >= vocab:
+            raise ValueError(f"input_ids must lie in [0, {vocab}); got values from {input_ids.min()} to "
+                             f"{input_ids.max()}")
         attention_mask = (np.ones_like(input_ids) if attention_mask is None
                           else _as_ids("attention_mask", attention_mask, (b, length)))
         token_type_ids = None if token_type_ids is None else _as_ids("token_type_ids", token_type_ids, (b, length))
