@@ -74,16 +74,11 @@ def _language_model(model):
 
 def _lm_inputs(model, batch: dict, world_config):
     """(embeds, attention_mask, token_type_ids or None, positions) of the prompt, world tokens spliced."""
-    gemma = model if isinstance(model, Gemma3Model) else model.gemma
     ids, mask, types = batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
-    embeds = gemma.embed_inputs(ids, batch["pixel_values"])
-    if batch.get("video") is None:
-        return embeds, mask, types, positions_from_mask(mask)
-    from theworld_jax.modeling.fusion import splice_world
-
-    world = model.world_embeddings(batch["video"], world_config.world_projection_mode).astype(embeds.dtype)
-    fused = splice_world(embeds, ids, mask, types, None, world, sow_id=world_config.sow_token_id,
-                         world_attention=world_config.world_attention)
+    if isinstance(model, Gemma3Model):
+        return model.embed_inputs(ids, batch["pixel_values"]), mask, types, positions_from_mask(mask)
+    fused = model.lm_inputs(ids, mask, pixel_values=batch["pixel_values"], token_type_ids=types,
+                            video=batch.get("video"), config=world_config)
     return fused.embeds, fused.attention_mask, fused.token_type_ids, fused.positions
 
 

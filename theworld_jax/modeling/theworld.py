@@ -15,8 +15,8 @@ from theworld_jax.config.gemma3 import Gemma3Config
 from theworld_jax.config.theworld import TheWorldConfig
 from theworld_jax.config.wan_vae import WanVAEConfig
 from theworld_jax.modeling.cosmos_vae import CosmosVAE
-from theworld_jax.modeling.fusion import causal_lm_loss, splice_world
-from theworld_jax.modeling.gemma3 import Gemma3Model
+from theworld_jax.modeling.fusion import FusedBatch, causal_lm_loss, splice_world
+from theworld_jax.modeling.gemma3 import Gemma3Model, positions_from_mask
 from theworld_jax.modeling.world_projector import WorldProjector, latents_to_tokens, projector_in_features
 
 
@@ -54,22 +54,26 @@ class TheWorldModel(nnx.Module):
         latents = self.vae.encode_mean(video.astype(self.vae.dtype))
         return self.world_projector(latents_to_tokens(latents, mode))
 
+    def lm_inputs(self, input_ids, attention_mask, *, pixel_values=None, token_type_ids=None, labels=None,
+                  video=None, config: TheWorldConfig | None = None) -> FusedBatch:
+        """The decoder's inputs (B, L_out): Gemma embeddings with image features, and the world tokens
+        spliced in after each row's <start_of_world> when `video` is given (then `config` is needed)."""
+        embeds = self.gemma.embed_inputs(input_ids, pixel_values)
+        if video is None:
+            return FusedBatch(embeds, attention_mask, token_type_ids, labels, positions_from_mask(attention_mask))
+        world = self.world_embeddings(video, config.world_projection_mode).astype(embeds.dtype)
+        return splice_world(embeds, input_ids, attention_mask, token_type_ids, labels, world,
+                            sow_id=config.sow_token_id, world_attention=config.world_attention)
+
     def forward(self, input_ids, attention_mask, *, pixel_values=None, token_type_ids=None, labels=None,
                 video=None, position_ids=None, config: TheWorldConfig) -> ForwardOutput:
         """input_ids/attention_mask (B, L) (world tokens already injected on the host when video is given)."""
-        embeds = self.gemma.embed_inputs(input_ids, pixel_values)
-        if video is not None:
-            world = self.world_embeddings(video, config.world_projection_mode).astype(embeds.dtype)
-            fused = splice_world(embeds, input_ids, attention_mask, token_type_ids, labels, world,
-                                 sow_id=config.sow_token_id, world_attention=config.world_attention)
-            embeds, attention_mask = fused.embeds, fused.attention_mask
-            token_type_ids, labels = fused.token_type_ids, fused.labels
-            positions = fused.positions if position_ids is None else position_ids
-        else:
-            positions = position_ids
-        logits = self.gemma.decode_embeds(embeds, attention_mask, token_type_ids, positions)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return ForwardOutput(logits=logits, loss=loss, attention_mask=attention_mask)
+        fused = self.lm_inputs(input_ids, attention_mask, pixel_values=pixel_values, token_type_ids=token_type_ids,
+                               labels=labels, video=video, config=config)
+        positions = fused.positions if position_ids is None else position_ids
+        logits = self.gemma.decode_embeds(fused.embeds, fused.attention_mask, fused.token_type_ids, positions)
+        loss = causal_lm_loss(logits, fused.labels) if labels is not None else None
+        return ForwardOutput(logits=logits, loss=loss, attention_mask=fused.attention_mask)
 
 
 def make_world_projector(config: TheWorldConfig, gemma_config: Gemma3Config, vae_config: WanVAEConfig, *,
