@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from theworld_jax.checkpoint import PARAMS_DIR, restore_params
 from theworld_jax.weights.loader import Source, abstract_params, load_params
 from theworld_jax.weights.safetensors_io import SafetensorsReader, find_safetensors
 
@@ -62,6 +63,8 @@ def wan_vae_key_map(abstract_model: nnx.Module) -> dict[str, Source]:
 def _is_vae_dir(path: str) -> bool:
     if not os.path.isfile(os.path.join(path, "config.json")):
         return False
+    if os.path.isdir(os.path.join(path, PARAMS_DIR)):  # written by `python -m convert cosmos-vae`
+        return True
     return any(n.startswith(WEIGHTS_PREFIX) and n.endswith((".safetensors", ".safetensors.index.json"))
                for n in os.listdir(path))
 
@@ -94,5 +97,7 @@ def load_wan_vae(cls, path_or_id: str, dtype=jnp.float32):
     directory = resolve_vae_dir(path_or_id)
     config = WanVAEConfig.from_json_file(os.path.join(directory, "config.json"))
     abstract = nnx.eval_shape(lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    if os.path.isdir(os.path.join(directory, PARAMS_DIR)):
+        return restore_params(abstract, directory)
     with SafetensorsReader(find_safetensors(directory, prefix=WEIGHTS_PREFIX)) as reader:
         return load_params(abstract, wan_vae_key_map(abstract), reader, desc="loading Wan VAE")

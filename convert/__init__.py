@@ -1,0 +1,1 @@
+"""The weight-conversion command line: python -m convert --help."""
