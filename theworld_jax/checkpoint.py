@@ -53,14 +53,17 @@ def save_params(model: nnx.Module, directory: str) -> None:
         checkpointer.wait_until_finished()
 
 
-def restore_params(abstract_model: nnx.Module, directory: str) -> nnx.Module:
-    """A concrete copy of `abstract_model` with the parameters saved by `save_params` in `directory`."""
+def restore_params(abstract_model: nnx.Module, directory: str,
+                   shardings: dict[str, jax.sharding.Sharding] | None = None) -> nnx.Module:
+    """A concrete copy of `abstract_model` with the parameters saved by `save_params` in `directory`,
+    each read straight onto `shardings[path]` when given (else the abstract's sharding or device 0)."""
     path = os.path.join(os.path.abspath(directory), PARAMS_DIR)
     if not os.path.isdir(path):
         raise CheckpointError(f"no Orbax parameter checkpoint at {path!r}")
     targets = abstract_params(abstract_model)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding or default)
+    shardings = shardings or {}
+    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings.get(k) or v.sharding or default)
                 for k, v in targets.items()}
     with ocp.StandardCheckpointer() as checkpointer:
         stored = checkpointer.metadata(path)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from theworld_jax import sources
+from theworld_jax import sharding, sources
 from theworld_jax.checkpoint import atomic_directory, restore_params, save_params
 from theworld_jax.config.gemma3 import Gemma3Config
 from theworld_jax.config.theworld import TheWorldConfig
@@ -22,6 +22,7 @@ from theworld_jax.modeling.fusion import check_fused_length, inject_world_tokens
 from theworld_jax.modeling.theworld import ForwardOutput, TheWorldModel, make_world_projector
 from theworld_jax.processing import add_world_tokens, load_processor
 from theworld_jax.vae_processing import prepare_video
+from theworld_jax.weights.loader import abstract_params
 
 GEMMA_CONFIG_FILE = "gemma_config.json"
 VAE_CONFIG_FILE = "vae_config.json"
@@ -35,8 +36,9 @@ class TheWorld:
     """
 
     def __init__(self, model: TheWorldModel, config: TheWorldConfig, gemma_config: Gemma3Config,
-                 vae_config: WanVAEConfig | None, processor=None, *, raw_configs: dict[str, dict]):
+                 vae_config: WanVAEConfig | None, processor=None, *, raw_configs: dict[str, dict], mesh=None):
         self.model = model
+        self.mesh = mesh
         self.config = config
         self.gemma_config = gemma_config
         self.vae_config = vae_config
@@ -53,8 +55,6 @@ class TheWorld:
         checkpoint, or a hub id (see DESIGN section 2). `settings` are TheWorldConfig fields
         (world_projection_mode, projection_architecture, freeze_*, world_attention, vae_input_range, ...).
         """
-        if mesh is not None:
-            raise NotImplementedError("placing TheWorld on a mesh is not implemented yet; pass mesh=None")
         directory = sources.resolve(path_or_id)
         kind = sources.detect(directory)
         overrides = dict(settings)
@@ -63,22 +63,28 @@ class TheWorld:
         if cosmos_model_name is not None:
             overrides["cosmos_model_name"] = cosmos_model_name
         if kind == "theworld_jax":
-            return cls._from_saved(directory, dtype=dtype, overrides=overrides)
+            return cls._from_saved(directory, dtype=dtype, overrides=overrides, mesh=mesh)
         if kind == "the_world":
-            return cls._from_upstream(directory, dtype=dtype, overrides=overrides)
+            return cls._from_upstream(directory, dtype=dtype, overrides=overrides, mesh=mesh)
         overrides.setdefault("enable_world", True)
         config = TheWorldConfig(gemma_model_name=path_or_id, **overrides)
-        return cls._assemble(directory, config, dtype=dtype, seed=seed, projector_ckpt=None)
+        return cls._assemble(directory, config, dtype=dtype, seed=seed, projector_ckpt=None, mesh=mesh)
 
     @classmethod
     def _assemble(cls, gemma_dir: str, config: TheWorldConfig, *, dtype, seed: int,
-                  projector_ckpt: str | None) -> TheWorld:
+                  projector_ckpt: str | None, mesh=None) -> TheWorld:
         """Gemma from `gemma_dir`; when the world is on, the VAE from config.cosmos_model_name and the
         projector from `projector_ckpt` (an upstream checkpoint dir) or initialised from `seed`."""
         from theworld_jax.modeling.cosmos_vae import CosmosVAE
-        from theworld_jax.weights.gemma3_keys import load_gemma3
+        from theworld_jax.modeling.gemma3 import Gemma3Model
+        from theworld_jax.weights.gemma3_keys import load_gemma3, read_gemma3_config
 
-        gemma_config, gemma = load_gemma3(gemma_dir, dtype=dtype)
+        gemma_config = read_gemma3_config(gemma_dir)
+        shardings = None
+        if mesh is not None:
+            abstract = nnx.eval_shape(lambda: Gemma3Model(gemma_config, dtype=dtype, rngs=nnx.Rngs(0)))
+            shardings = sharding.param_shardings(abstract_params(abstract), mesh)
+        gemma_config, gemma = load_gemma3(gemma_dir, dtype=dtype, config=gemma_config, shardings=shardings)
         raw = {GEMMA_CONFIG_FILE: sources.read_config(gemma_dir)}
         processor = load_processor(gemma_dir)
         vae, vae_config, projector = None, None, None
@@ -102,18 +108,21 @@ class TheWorld:
                 abstract = nnx.eval_shape(lambda: make_world_projector(
                     config, gemma_config, vae_config, dtype=dtype, rngs=nnx.Rngs(0)))
                 projector = load_upstream_projector(abstract, projector_ckpt, config)
+        if mesh is not None and vae is not None:  # small: loaded, then moved onto the mesh
+            vae = sharding.shard_module(vae, mesh, prefix="vae.")
+            projector = sharding.shard_module(projector, mesh, prefix="world_projector.")
         model = TheWorldModel(gemma, vae, projector)
-        return cls(model, config, gemma_config, vae_config, processor, raw_configs=raw)
+        return cls(model, config, gemma_config, vae_config, processor, raw_configs=raw, mesh=mesh)
 
     @classmethod
-    def _from_upstream(cls, directory: str, *, dtype, overrides: dict) -> TheWorld:
+    def _from_upstream(cls, directory: str, *, dtype, overrides: dict, mesh=None) -> TheWorld:
         config = TheWorldConfig.from_upstream_dict(sources.read_config(directory))
         config = dataclasses.replace(config, **overrides)
         gemma_dir = sources.resolve(config.gemma_model_name)
-        return cls._assemble(gemma_dir, config, dtype=dtype, seed=0, projector_ckpt=directory)
+        return cls._assemble(gemma_dir, config, dtype=dtype, seed=0, projector_ckpt=directory, mesh=mesh)
 
     @classmethod
-    def _from_saved(cls, directory: str, *, dtype, overrides: dict) -> TheWorld:
+    def _from_saved(cls, directory: str, *, dtype, overrides: dict, mesh=None) -> TheWorld:
         config = TheWorldConfig.from_dict(sources.read_config(directory))
         unsupported = sorted(k for k, v in overrides.items() if getattr(config, k) != v
                              and k in ("enable_world", "world_projection_mode", "projection_architecture"))
@@ -126,9 +135,10 @@ class TheWorld:
         vae_config = WanVAEConfig.from_dict(raw[VAE_CONFIG_FILE]) if config.enable_world else None
         abstract = nnx.eval_shape(lambda: TheWorldModel.create(config, gemma_config, vae_config, dtype=dtype,
                                                                rngs=nnx.Rngs(0)))
-        model = restore_params(abstract, directory)
+        shardings = None if mesh is None else sharding.param_shardings(abstract_params(abstract), mesh)
+        model = restore_params(abstract, directory, shardings=shardings)
         processor = load_processor(directory)
-        return cls(model, config, gemma_config, vae_config, processor, raw_configs=raw)
+        return cls(model, config, gemma_config, vae_config, processor, raw_configs=raw, mesh=mesh)
 
     def save_pretrained(self, directory: str) -> None:
         """Write an Orbax checkpoint loadable by `TheWorld.from_pretrained(directory)` (atomically)."""
@@ -152,6 +162,9 @@ class TheWorld:
         """
         batch = self._prepare(input_ids, attention_mask, pixel_values, token_type_ids, images, labels,
                               position_ids)
+        if self.mesh is not None:
+            batch = {k: None if v is None else jax.device_put(v, sharding.batch_sharding(self.mesh, v.shape))
+                     for k, v in batch.items()}
         return _forward_jit(self._graphdef, self._state, config=self.config, **batch)
 
     def _prepare(self, input_ids, attention_mask, pixel_values, token_type_ids, images, labels,
