@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 # google/gemma-3-4b-it (notes/reference-semantics.md section 1).
 _N_LAYERS = 34
 GEMMA3_4B_CONFIG = dict(
@@ -39,3 +41,25 @@ def hf_config(tiny: bool):
         from tiny_gemma import tiny_gemma3_config
         return tiny_gemma3_config()
     return transformers.Gemma3Config(**GEMMA3_4B_CONFIG)
+
+
+def randomize_gemma(model, seed: int, embed_std: float):
+    """Re-draw what transformers initialises to zero or one: RMSNorms, LayerNorms, SigLIP biases, projector."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    emb = model.model.language_model.embed_tokens.weight
+    gen = torch.Generator(device=emb.device).manual_seed(seed)
+    rand = lambda p: torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)  # noqa: E731
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, Gemma3RMSNorm):
+                module.weight.copy_(0.1 * rand(module.weight))
+            elif isinstance(module, torch.nn.LayerNorm):
+                module.weight.copy_(1 + 0.1 * rand(module.weight))
+        for name, param in model.model.vision_tower.named_parameters():
+            if name.endswith("bias"):
+                param.copy_(0.05 * rand(param))
+        proj = model.model.multi_modal_projector.mm_input_projection_weight
+        proj.copy_(rand(proj) / proj.shape[0] ** 0.5)
+        emb.copy_(embed_std * rand(emb))
+    return model

@@ -37,30 +37,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
-from common import TEXT_IDS, hf_config, log  # noqa: E402
+from common import TEXT_IDS, hf_config, log, randomize_gemma  # noqa: E402
 
 IMAGE_AT = 100  # the image's <start_of_image> position: most text lies further than a window behind it
-
-def randomize(model, seed: int, embed_std: float):
-    """Re-draw what transformers initialises to zero or one: RMSNorms, LayerNorms, SigLIP biases, projector."""
-    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
-
-    emb = model.model.language_model.embed_tokens.weight
-    gen = torch.Generator(device=emb.device).manual_seed(seed)
-    rand = lambda p: torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)  # noqa: E731
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, Gemma3RMSNorm):
-                module.weight.copy_(0.1 * rand(module.weight))
-            elif isinstance(module, torch.nn.LayerNorm):
-                module.weight.copy_(1 + 0.1 * rand(module.weight))
-        for name, param in model.model.vision_tower.named_parameters():
-            if name.endswith("bias"):
-                param.copy_(0.05 * rand(param))
-        proj = model.model.multi_modal_projector.mm_input_projection_weight
-        proj.copy_(rand(proj) / proj.shape[0] ** 0.5)
-        emb.copy_(embed_std * rand(emb))
-    return model
 
 
 def make_inputs(config, seq_len: int, seed: int, tiny: bool) -> dict[str, np.ndarray]:
@@ -108,7 +87,7 @@ def run_torch(args, config, inputs, workdir: str) -> tuple[np.ndarray, dict]:
     torch.manual_seed(args.seed)
     with torch.device(device):
         model = transformers.Gemma3ForConditionalGeneration(config)
-    model = randomize(model.float().eval(), args.seed + 1, args.embed_std)
+    model = randomize_gemma(model.float().eval(), args.seed + 1, args.embed_std)
     log(f"saving the hub layout under {workdir}")
     save_tiny_gemma3(model, None, workdir, layout="hub", shards=1 if args.tiny else 4)
     batch = {k: torch.from_numpy(v).to(device) for k, v in inputs.items()}

@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 import theworld_reference as ref  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO, "bench"))
-from common import GEMMA3_4B_CONFIG, log  # noqa: E402
+from common import GEMMA3_4B_CONFIG, log, randomize_gemma  # noqa: E402
 
 # The real tokenizer's special ids; every other id is a word "w<id>" (len 262145, like Gemma 3's).
 FULL_SPECIALS = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 105: "<start_of_turn>", 106: "<end_of_turn>",
@@ -71,29 +71,6 @@ def full_processor():
         ImageProc = transformers.Gemma3ImageProcessor
     return transformers.Gemma3Processor(image_processor=ImageProc(size={"height": 896, "width": 896}),
                                         tokenizer=hf_tok, image_seq_length=256)
-
-
-def randomize_gemma(model, seed: int, embed_std: float):
-    """Re-draw the weights that start at zero/one (norms, biases, mm projector); small tied embeddings."""
-    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
-
-    device = model.model.language_model.embed_tokens.weight.device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    rand = lambda p: torch.randn(p.shape, generator=gen, device=device, dtype=p.dtype)  # noqa: E731
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, Gemma3RMSNorm):
-                module.weight.copy_(0.1 * rand(module.weight))
-            elif isinstance(module, torch.nn.LayerNorm):
-                module.weight.copy_(1 + 0.1 * rand(module.weight))
-        for name, p in model.model.vision_tower.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(0.05 * rand(p))
-        proj = model.model.multi_modal_projector.mm_input_projection_weight
-        proj.copy_(rand(proj) / proj.shape[0] ** 0.5)
-        emb = model.model.language_model.embed_tokens.weight
-        emb.copy_(embed_std * rand(emb))
-    return model
 
 
 def build(args, device):
