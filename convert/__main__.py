@@ -15,6 +15,8 @@ import json
 import os
 import sys
 
+from theworld_jax.config.theworld import PROJECTION_ARCHITECTURES, PROJECTION_MODES
+
 DTYPES = ("bfloat16", "float32")
 
 
@@ -98,8 +100,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gemma", required=True)
     p.add_argument("--cosmos", required=True)
     p.add_argument("--projection", help="an upstream PyTorch TheWorld checkpoint directory (its projector)")
-    p.add_argument("--mode", choices=("spatial", "channel"), help="world_projection_mode of a new projector")
-    p.add_argument("--architecture", choices=("mlp", "mlp_no_final_gelu", "linear"))
+    p.add_argument("--mode", choices=PROJECTION_MODES, help="world_projection_mode of a new projector")
+    p.add_argument("--architecture", choices=PROJECTION_ARCHITECTURES)
     p.add_argument("--seed", type=int, default=0, help="initialisation seed of a new projector")
     p.add_argument("--dst", required=True)
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
