@@ -220,7 +220,8 @@ def start(model: nnx.Module, input_ids, attention_mask=None, *, pixel_values=Non
     length = buckets.length(ids.shape[1] + world_tokens) - world_tokens
     batch = dict(input_ids=_left_pad(ids, length, pad), attention_mask=_left_pad(mask, length, 0),
                  token_type_ids=_left_pad(token_type_ids, length, 0),
-                 pixel_values=None if pixel_values is None else jnp.asarray(np.asarray(pixel_values), gemma.dtype),
+                 pixel_values=None if pixel_values is None else jnp.asarray(
+                     pixel_values if isinstance(pixel_values, jax.Array) else np.asarray(pixel_values), gemma.dtype),
                  video=None if video is None else jnp.asarray(video))
     dynamic = (jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p),
                jnp.asarray(eos + [-1] * (EOS_SLOTS - len(eos)), jnp.int32))

@@ -143,8 +143,7 @@ class TheWorld:
     def save_pretrained(self, directory: str) -> None:
         """Write an Orbax checkpoint loadable by `TheWorld.from_pretrained(directory)` (atomically)."""
         with atomic_directory(directory) as tmp:
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(self.config.to_dict(), f, indent=2)
+            self.config.to_json_file(os.path.join(tmp, "config.json"))
             for name, raw in self._raw_configs.items():
                 with open(os.path.join(tmp, name), "w") as f:
                     json.dump(raw, f, indent=2)

@@ -90,9 +90,6 @@ class TheWorldConfig:
             if ids[0] == ids[1]:
                 raise ConfigError(f"sow_token_id and eow_token_id must differ, both are {ids[0]}")
 
-    def replace(self, **changes: Any) -> TheWorldConfig:
-        return dataclasses.replace(self, **changes)
-
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["vae_image_size"] = list(self.vae_image_size)
