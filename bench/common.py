@@ -6,7 +6,7 @@ import time
 
 import torch
 
-# google/gemma-3-4b-it (notes/reference-semantics.md section 1).
+# google/gemma-3-4b-it (its hub config.json).
 _N_LAYERS = 34
 GEMMA3_4B_CONFIG = dict(
     text_config=dict(

@@ -1,6 +1,6 @@
 """Full-size Gemma 3 parity on one GPU: transformers' Gemma3ForConditionalGeneration against theworld_jax.
 
-The gemma-3-4b-it config (notes/reference-semantics.md section 1) with random weights (transformers'
+The gemma-3-4b-it config (bench/common.py) with random weights (transformers'
 init; norms, SigLIP biases and the projector re-drawn; small tied embeddings), float32 with TF32 off on
 both sides. transformers builds the model on the GPU and computes the reference logits; the weights are
 written to a temp dir as safetensors in the hub key layout; the torch model is freed; theworld_jax loads
@@ -151,7 +151,7 @@ def markdown(report: dict) -> str:
         "| metric | value |", "|---|---|",
         f"| max abs logit diff | {c['max_abs_diff']:.3e} |",
         f"| max abs ref logit | {c['max_abs_ref']:.3f} |",
-        f"| max diff / max(1, max ref) | {c['max_diff_over_max1_ref']:.3e} (DESIGN bound 1e-4: "
+        f"| max diff / max(1, max ref) | {c['max_diff_over_max1_ref']:.3e} (docs/design.md bound 1e-4: "
         f"{'within' if c['within_design_tolerance'] else 'OUTSIDE'}) |",
         f"| norm(diff) / norm(ref) | {c['rel_fro']:.3e} |",
         f"| top-1 agreement (all positions) | {100 * c['top1_agreement']:.3f} % |", "",

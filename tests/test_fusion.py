@@ -31,7 +31,7 @@ def batch():
 
 
 def reference_splice(embeds, ids, mask, types, labels, world, world_type):
-    """One row at a time, with Python lists: the spec of DESIGN section 3, read literally."""
+    """One row at a time, with Python lists: the spec of docs/design.md section 3, read literally."""
     out = {k: [] for k in ("embeds", "mask", "types", "labels", "positions")}
     for b in range(ids.shape[0]):
         s = list(ids[b]).index(SOW)

@@ -1,7 +1,7 @@
 """TheWorld (theworld_jax) against the PyTorch reference composition, on tiny random models.
 
 The reference (tests/theworld_reference.py) is transformers' Gemma 3 + diffusers' Wan VAE + a torch
-projector composed from DESIGN.md. Both sides load the same weights: the JAX model through the public
+projector composed from docs/design.md. Both sides load the same weights: the JAX model through the public
 `TheWorld.from_pretrained`, the projector through an upstream-format checkpoint or an export.
 """
 

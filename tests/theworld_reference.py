@@ -1,4 +1,4 @@
-"""PyTorch reference composition of TheWorld, written from DESIGN.md section 3 ("TheWorld fusion").
+"""PyTorch reference composition of TheWorld, written from docs/design.md, section 3 ("Data flow and the token layout").
 
 Building blocks are transformers' Gemma3ForConditionalGeneration and diffusers' AutoencoderKLWan; the
 glue (world-token injection, VAE input, latents -> tokens, projector, per-row splice, loss) is written

@@ -3,7 +3,7 @@
 Nothing is downloaded: the tokenizer is a byte-level BPE trained on a fixed corpus, the image
 processor is transformers' PIL one, the model is a random `Gemma3ForConditionalGeneration` with its
 zero-initialised weights (RMSNorms, projector) re-randomised. `save_tiny_gemma3` writes it in any of
-the three key layouts a Gemma 3 checkpoint comes in (notes/reference-semantics.md section 2).
+the three key layouts a Gemma 3 checkpoint comes in (docs/design.md, section 5).
 """
 
 from __future__ import annotations

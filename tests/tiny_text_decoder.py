@@ -78,6 +78,6 @@ def hf_logits(hf, ids, attention_mask, token_type_ids=None) -> np.ndarray:
 
 
 def max_logit_error(ours: np.ndarray, ref: np.ndarray, valid: np.ndarray) -> float:
-    """max |ours - ref| over valid positions, relative to max(1, max |ref|) (DESIGN section 8)."""
+    """max |ours - ref| over valid positions, relative to max(1, max |ref|) (docs/design.md, section 4)."""
     valid = valid.astype(bool)
     return float(np.abs(ours - ref)[valid].max() / max(1.0, np.abs(ref[valid]).max()))

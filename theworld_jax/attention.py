@@ -1,6 +1,6 @@
 """The one attention entry point: who may attend to whom (`AttentionMask`) and the kernels.
 
-Rule (transformers 5.24, notes/reference-semantics.md section 3), per batch row, query t and key s:
+Rule (transformers 5.24; docs/design.md, section 4), per batch row, query t and key s:
 
     allowed = k_valid[s] & (causal | same_block) & (window is None | k_index[s] > q_index[t] - window)
     causal = k_index[s] <= q_index[t];  same_block = (q_block[t] == k_block[s]) & (q_block[t] > 0)

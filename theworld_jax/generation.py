@@ -1,6 +1,6 @@
 """Generation: jit-compiled prefill, then a decode loop that stays on the device (lax.while_loop).
 
-Flow (as transformers' generate for Gemma 3, notes/reference-semantics.md section 6):
+Flow (as transformers' generate for Gemma 3; docs/design.md, section 6):
 - the prompt (text, image soft tokens, spliced world tokens) is left-padded to a bucket length and run
   once through the decoder into an empty KV cache, with token_type_ids (bidirectional image blocks)
   only here; RoPE positions are cumsum(attention_mask) - 1;

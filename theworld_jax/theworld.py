@@ -52,7 +52,7 @@ class TheWorld:
                         cosmos_model_name: str | None = None, dtype=jnp.bfloat16, mesh=None,
                         seed: int = 0, **settings: Any) -> TheWorld:
         """Load from a HF Gemma 3 dir, a TheWorld-JAX checkpoint, an upstream PyTorch TheWorld
-        checkpoint, or a hub id (see DESIGN section 2). `settings` are TheWorldConfig fields
+        checkpoint, or a hub id (docs/design.md, section 5). `settings` are TheWorldConfig fields
         (world_projection_mode, projection_architecture, freeze_*, world_attention, vae_input_range, ...).
         """
         directory = sources.resolve(path_or_id)

@@ -1,6 +1,6 @@
 """Load a HuggingFace Gemma 3 checkpoint (config.json + safetensors) into a `Gemma3Model`.
 
-Checkpoints come in three key layouts (notes/reference-semantics.md section 2), plus the text-only one:
+Checkpoints come in three key layouts (docs/design.md, section 5), plus the text-only one:
 
     layout            language model          vision tower                 projector
     hub               language_model.model.*  vision_tower.vision_model.*  multi_modal_projector.*
