@@ -169,6 +169,7 @@ def run_jax(args, config) -> dict:
 
     from theworld_jax import generation
     from theworld_jax.config.gemma3 import Gemma3Config
+    from theworld_jax.inputs import InputSpec, prepare_batch
     from theworld_jax.modeling.gemma3 import Gemma3Model
 
     device = jax.devices()[0]
@@ -182,12 +183,13 @@ def run_jax(args, config) -> dict:
     log(f"copy bandwidth {bandwidth['bytes_per_s'] / 1e12:.3f} TB/s")
     weight_bytes = tree_bytes(nnx.state(model.language_model, nnx.Param))
     kw = dict(max_new_tokens=args.new_tokens, eos_token_id=(), split=nnx.split(model))
+    spec = InputSpec(cfg, dtype=jnp.bfloat16)
     out = {}
     for b in args.batches:
-        ids = prompt_ids(b, args.prompt_len, cfg.text.bos_token_id, args.tiny, args.seed)
+        batch = prepare_batch(spec, prompt_ids(b, args.prompt_len, cfg.text.bos_token_id, args.tiny, args.seed))
         log(f"theworld_jax B={b}: prefill")
-        p_first, prefill, p_all = timed(lambda: generation.start(model, ids, **kw), args.repeats)
-        decodings = [generation.start(model, ids, **kw) for _ in range(args.repeats + 1)]
+        p_first, prefill, p_all = timed(lambda: generation.start(model, batch, **kw), args.repeats)
+        decodings = [generation.start(model, batch, **kw) for _ in range(args.repeats + 1)]
         cache_bytes = tree_bytes(decodings[0]._state.cache)
         log(f"theworld_jax B={b}: decode {args.new_tokens - 1} steps")
         d_first, decode, d_all = timed(lambda: _advance_all(decodings.pop()), args.repeats)
@@ -226,6 +228,7 @@ def run_world(args, model, cfg) -> dict:
     from theworld_jax import generation
     from theworld_jax.config.theworld import TheWorldConfig
     from theworld_jax.config.wan_vae import WanVAEConfig
+    from theworld_jax.inputs import Batch
     from theworld_jax.modeling.cosmos_vae import CosmosVAE
     from theworld_jax.modeling.theworld import TheWorldModel, make_world_projector
     from theworld_jax.modeling.world_projector import num_world_tokens
@@ -242,7 +245,7 @@ def run_world(args, model, cfg) -> dict:
                        args.param_std)
     projector = random_model(lambda: make_world_projector(world_cfg, cfg, vae_cfg, dtype=jnp.bfloat16,
                                                           rngs=nnx.Rngs(0)), args.seed + 2, args.param_std)
-    world_model = TheWorldModel(model, vae, projector)
+    world_model = TheWorldModel(world_cfg, model, vae, projector)
     n_world = num_world_tokens("spatial", vae_cfg, size)
     n_img = cfg.mm_tokens_per_image
     rest = args.prompt_len - n_world - n_img - 6
@@ -257,11 +260,12 @@ def run_world(args, model, cfg) -> dict:
     side = cfg.vision.image_size
     pixels = rng.uniform(-1, 1, (1, 3, side, side)).astype(np.float32)
     video = rng.uniform(-1, 1, (1, 1, *size, 3)).astype(np.float32)
-    kw = dict(pixel_values=pixels, token_type_ids=types, video=jnp.asarray(video, jnp.bfloat16),
-              world_config=world_cfg, world_tokens=n_world, max_new_tokens=args.new_tokens, eos_token_id=(),
-              split=nnx.split(world_model))
+    batch = Batch(ids.astype(np.int32), np.ones_like(ids, np.int32), types,
+                  pixel_values=jnp.asarray(pixels, jnp.bfloat16), video=jnp.asarray(video, jnp.bfloat16),
+                  world_tokens=n_world)
+    kw = dict(max_new_tokens=args.new_tokens, eos_token_id=(), split=nnx.split(world_model))
     log(f"theworld_jax fused prefill: {ids.shape[1]} ids + {n_world} world tokens")
-    first, prefill, times = timed(lambda: generation.start(world_model, ids, **kw), args.repeats)
+    first, prefill, times = timed(lambda: generation.start(world_model, batch, **kw), args.repeats)
     log(f"  fused prefill {1e3 * prefill:.1f} ms")
     del world_model, vae
     jax.clear_caches()

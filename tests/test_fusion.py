@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from theworld_jax.modeling.fusion import (FusedBatch, causal_lm_loss, causal_lm_loss_terms, check_fused_length,
-                                          inject_world_tokens, splice_world, validate_world_batch)
+from theworld_jax.inputs import check_fused_length, inject_world_tokens, validate_world_batch
+from theworld_jax.modeling.fusion import FusedBatch, causal_lm_loss, causal_lm_loss_terms, splice_world
 
 PAD, BOS, SOW, EOW = 0, 2, 40, 41
 N, D = 4, 6

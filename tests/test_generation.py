@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from theworld_jax import generation, sampling
+from theworld_jax.inputs import InputSpec, prepare_batch
 from theworld_jax.weights.gemma3_keys import load_gemma3
 from tiny_gemma import build_processor, build_tiny_gemma3, save_tiny_gemma3, tiny_gemma3_config
 
@@ -51,9 +52,13 @@ def hf_generate(hf, processor, inputs: dict, **kwargs) -> np.ndarray:
     return out.numpy()
 
 
+def gemma_batch(model, inputs: dict):
+    return prepare_batch(InputSpec(model.config, dtype=model.dtype), **inputs)
+
+
 def jax_generate(model, processor, inputs: dict, **kwargs) -> np.ndarray:
     kwargs.setdefault("max_new_tokens", MAX_NEW)
-    return generation.generate(model, vocab_limit=len(processor.tokenizer), **inputs, **kwargs)
+    return generation.generate(model, gemma_batch(model, inputs), vocab_limit=len(processor.tokenizer), **kwargs)
 
 
 def assert_varied(new_tokens: np.ndarray):
@@ -248,8 +253,8 @@ class IdText:
 
 def test_stream_text_yields_pieces_as_tokens_come(tiny, text_inputs):
     _, processor, model = tiny
-    decoding = generation.start(model, **text_inputs, max_new_tokens=MAX_NEW, vocab_limit=len(processor.tokenizer),
-                                eos_token_id=())
+    decoding = generation.start(model, gemma_batch(model, text_inputs), max_new_tokens=MAX_NEW,
+                                vocab_limit=len(processor.tokenizer), eos_token_id=())
     pieces = list(generation.stream_text(decoding, IdText, chunk=3))
     new = decoding.new_tokens()[0].tolist()
     assert len(new) == MAX_NEW
@@ -259,7 +264,8 @@ def test_stream_text_yields_pieces_as_tokens_come(tiny, text_inputs):
 def test_stream_text_adds_up_to_the_decoded_answer(tiny, text_inputs):
     _, processor, model = tiny
     tokenizer = processor.tokenizer
-    decoding = generation.start(model, **text_inputs, max_new_tokens=MAX_NEW, vocab_limit=len(tokenizer))
+    decoding = generation.start(model, gemma_batch(model, text_inputs), max_new_tokens=MAX_NEW,
+                                vocab_limit=len(tokenizer))
     text = "".join(generation.stream_text(decoding, tokenizer, chunk=4))
     assert text == tokenizer.decode(decoding.new_tokens()[0].tolist(), skip_special_tokens=True)
     np.testing.assert_array_equal(decoding.sequences(), jax_generate(model, processor, text_inputs))
@@ -300,5 +306,6 @@ def test_bad_input_is_a_clear_error(tiny, change, message):
     _, _, model = tiny
     kwargs = dict(input_ids=np.array([[2, 40, 41, 42, 43]], np.int32), max_new_tokens=4)
     kwargs.update(change)
+    inputs = {k: kwargs.pop(k) for k in ("input_ids", "attention_mask", "pixel_values") if k in kwargs}
     with pytest.raises(ValueError, match=message):
-        generation.generate(model, **kwargs)
+        generation.generate(model, gemma_batch(model, inputs), **kwargs)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from theworld_jax.vae_processing import prepare_video
+from theworld_jax.inputs import prepare_video
 
 
 def rgb_array(h=20, w=30, seed=0):

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx, struct
 
 from theworld_jax.attention import make_attention_mask, make_decode_mask
-from theworld_jax.modeling.gemma3 import Gemma3Model, positions_from_mask
+from theworld_jax.inputs import Batch
 from theworld_jax.modeling.kv_cache import KVCache
 from theworld_jax.sampling import SamplingConfig, choose
 
@@ -68,33 +68,20 @@ class DecodeState:
     key: jax.Array
 
 
-def _language_model(model):
-    return model.language_model if isinstance(model, Gemma3Model) else model.gemma.language_model
-
-
-def _lm_inputs(model, batch: dict, world_config):
-    """(embeds, attention_mask, token_type_ids or None, positions) of the prompt, world tokens spliced."""
-    ids, mask, types = batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
-    if isinstance(model, Gemma3Model):
-        return model.embed_inputs(ids, batch["pixel_values"]), mask, types, positions_from_mask(mask)
-    fused = model.lm_inputs(ids, mask, pixel_values=batch["pixel_values"], token_type_ids=types,
-                            video=batch.get("video"), config=world_config)
-    return fused.embeds, fused.attention_mask, fused.token_type_ids, fused.positions
-
-
 def _finish(token, done, eos: jax.Array, pad_token_id: int):
     """Pad finished rows, then mark rows whose token is one of `eos` (EOS_SLOTS,) as finished."""
     token = jnp.where(done, pad_token_id, token)
     return token, done | jnp.any(token[:, None] == eos[None, :], axis=1)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "world_config", "sampling", "pad_token_id", "capacity"))
-def _prefill(graphdef, params, batch: dict, key, temperature, top_p, eos, *, world_config,
-             sampling: SamplingConfig, pad_token_id: int, capacity: int) -> DecodeState:
+@partial(jax.jit, static_argnames=("graphdef", "sampling", "pad_token_id", "capacity"))
+def _prefill(graphdef, params, batch: dict, key, temperature, top_p, eos, *, sampling: SamplingConfig,
+             pad_token_id: int, capacity: int) -> DecodeState:
     TRACE_COUNTS["prefill"] += 1
     model = nnx.merge(graphdef, params)
-    lm = _language_model(model)
-    embeds, mask, types, positions = _lm_inputs(model, batch, world_config)
+    lm = model.language_model
+    fused = model.lm_inputs(**batch)
+    embeds, mask, types, positions = fused.embeds, fused.attention_mask, fused.token_type_ids, fused.positions
     b, length = mask.shape
     cache = KVCache.init(lm.config, b, length + capacity, dtype=lm.dtype)
     hidden, cache = lm(embeds, positions=positions, mask=make_attention_mask(mask, types), cache=cache)
@@ -111,7 +98,7 @@ def _decode(graphdef, params, state: DecodeState, limit, temperature, top_p, eos
             pad_token_id: int) -> DecodeState:
     """Decode steps until `limit` tokens were produced in all or every row stopped."""
     TRACE_COUNTS["decode"] += 1
-    lm = _language_model(nnx.merge(graphdef, params))
+    lm = nnx.merge(graphdef, params).language_model
     limit = jnp.minimum(limit, state.tokens.shape[1])
 
     def running(s: DecodeState):
@@ -173,41 +160,27 @@ class Decoding:
         return np.concatenate([self._prompt, self.new_tokens()], axis=1)
 
 
-def start(model: nnx.Module, input_ids, attention_mask=None, *, pixel_values=None, token_type_ids=None,
-          video=None, world_config=None, world_tokens: int = 0, max_new_tokens: int = 32,
-          do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-          top_p: float | None = None, seed: int = 0, eos_token_id: int | Sequence[int] | None = None,
-          pad_token_id: int | None = None, vocab_limit: int | None = None,
-          buckets: BucketPolicy = BucketPolicy(), split: tuple | None = None) -> Decoding:
-    """Prefill a batch and return its `Decoding` (see `generate` for the arguments; `split`: the
+def start(model: nnx.Module, batch: Batch, *, max_new_tokens: int = 32, do_sample: bool = False,
+          temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+          eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+          vocab_limit: int | None = None, buckets: BucketPolicy = BucketPolicy(),
+          split: tuple | None = None) -> Decoding:
+    """Prefill a prepared batch and return its `Decoding` (see `generate` for the arguments; `split`: the
     model's `nnx.split(model)` when the caller keeps one, saving a split per call)."""
-    gemma = model if isinstance(model, Gemma3Model) else model.gemma
-    config, text = gemma.config, gemma.config.text
-    ids = np.asarray(input_ids)
-    if ids.ndim != 2 or 0 in ids.shape or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"input_ids must be a non-empty integer (batch, length) array, got shape {ids.shape} "
-                         f"and dtype {ids.dtype}")
-    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
-    for name, x in (("attention_mask", mask), ("token_type_ids", token_type_ids)):
-        if x is not None and np.shape(x) != ids.shape:
-            raise ValueError(f"{name} has shape {np.shape(x)}, expected {ids.shape} (the shape of input_ids)")
+    config = model.gemma_config
+    text = config.text
+    ids, mask = np.asarray(batch.input_ids, np.int32), np.asarray(batch.attention_mask, np.int32)
+    world_tokens = batch.world_tokens
     real = mask.astype(bool).sum(axis=1)
     if not real.all():
         raise ValueError(f"row {int(np.argmin(real))} is all padding (attention_mask 0); every row needs a token")
     if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if (video is None) != (world_tokens == 0):
-        raise ValueError("video and world_tokens > 0 go together (world tokens come from the video)")
     longest = int(real.max()) + world_tokens + max_new_tokens
     if longest > text.max_position_embeddings:
         raise ValueError(f"prompt ({int(real.max())} tokens + {world_tokens} world tokens) plus max_new_tokens "
                          f"{max_new_tokens} is {longest}, more than max_position_embeddings "
                          f"{text.max_position_embeddings}")
-    if pixel_values is not None and config.vision is not None:
-        n_tokens, n_features = int((ids == config.image_token_id).sum()), len(pixel_values) * config.mm_tokens_per_image
-        if n_tokens != n_features:
-            raise ValueError(f"input_ids hold {n_tokens} image tokens (id {config.image_token_id}) but "
-                             f"{len(pixel_values)} image(s) give {n_features} features; they must match")
     eos = config.eos_token_id if eos_token_id is None else eos_token_id
     eos = [int(eos)] if np.ndim(eos) == 0 else [int(e) for e in eos]
     if len(eos) > EOS_SLOTS or any(e < 0 for e in eos):
@@ -218,31 +191,28 @@ def start(model: nnx.Module, input_ids, attention_mask=None, *, pixel_values=Non
                                    top_k=top_k, top_p=top_p)
 
     length = buckets.length(ids.shape[1] + world_tokens) - world_tokens
-    batch = dict(input_ids=_left_pad(ids, length, pad), attention_mask=_left_pad(mask, length, 0),
-                 token_type_ids=_left_pad(token_type_ids, length, 0),
-                 pixel_values=None if pixel_values is None else jnp.asarray(
-                     pixel_values if isinstance(pixel_values, jax.Array) else np.asarray(pixel_values), gemma.dtype),
-                 video=None if video is None else jnp.asarray(video))
+    padded = dict(input_ids=_left_pad(ids, length, pad), attention_mask=_left_pad(mask, length, 0),
+                  token_type_ids=_left_pad(batch.token_type_ids, length, 0), pixel_values=batch.pixel_values,
+                  video=batch.video)
     dynamic = (jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p),
                jnp.asarray(eos + [-1] * (EOS_SLOTS - len(eos)), jnp.int32))
     static = dict(sampling=sampling, pad_token_id=pad)
     graphdef, params = nnx.split(model) if split is None else split
-    state = _prefill(graphdef, params, batch, jax.random.key(seed), *dynamic, world_config=world_config,
+    state = _prefill(graphdef, params, padded, jax.random.key(seed), *dynamic,
                      capacity=buckets.length(int(max_new_tokens)), **static)
-    return Decoding(graphdef, params, state, ids.astype(np.int32), int(max_new_tokens), static, dynamic)
+    return Decoding(graphdef, params, state, ids, int(max_new_tokens), static, dynamic)
 
 
-def generate(model: nnx.Module, input_ids, attention_mask=None, **kwargs) -> np.ndarray:
+def generate(model: nnx.Module, batch: Batch, **options) -> np.ndarray:
     """Prompt + new tokens (B, L + n) int32, n <= max_new_tokens (fewer when every row stopped early).
 
-    model: a Gemma3Model, or a TheWorldModel with `video` (B, T, H, W, 3) VAE input, `world_tokens` (N
-    per row) and `world_config` (a TheWorldConfig) when the world branch is used; input_ids (B, L) left
-    padded, world tokens already injected. pixel_values (N_img, C, S, S) and token_type_ids (B, L) as
-    for Gemma 3. Sampling: do_sample, temperature, top_k, top_p, seed. eos_token_id: an id, ids, or ()
+    model: a Gemma3Model or a TheWorldModel; batch: from `theworld_jax.inputs.prepare_batch` (world tokens
+    injected and the VAE input built when the world branch is used). Rows may be left padded. Options:
+    max_new_tokens; sampling: do_sample, temperature, top_k, top_p, seed; eos_token_id: an id, ids, or ()
     for none (default: the config's); pad_token_id (default: the config's); vocab_limit: ids >= it are
-    never produced (default: the vocabulary size). buckets: the padding policy.
+    never produced (default: the vocabulary size); buckets: the padding policy.
     """
-    decoding = start(model, input_ids, attention_mask, **kwargs)
+    decoding = start(model, batch, **options)
     decoding.advance()
     return decoding.sequences()
 
@@ -265,20 +235,3 @@ def stream_text(decoding: Decoding, tokenizer, *, chunk: int = 1, skip_special_t
             return
         decoding.advance(chunk)
         new = decoding.new_tokens()[0]
-
-
-def start_theworld(world, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None, images=None,
-                   **kwargs) -> Decoding:
-    """`start` for a public `TheWorld`: world tokens injected and the VAE input built from `images` (one
-    per row) as its forward does; ids past the tokenizer's original length are never produced."""
-    from theworld_jax.processing import original_vocab_size
-
-    batch = world._prepare(input_ids, attention_mask, pixel_values, token_type_ids, images, None, None)
-    video = batch["video"]
-    n_world = 0 if video is None else world.num_world_tokens(video.shape[1])
-    kwargs.setdefault("vocab_limit", original_vocab_size(world.processor, world.gemma_config.text.vocab_size))
-    types = batch["token_type_ids"]
-    return start(world.model, np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"]),
-                 pixel_values=batch["pixel_values"], token_type_ids=None if types is None else np.asarray(types),
-                 video=video, world_config=None if video is None else world.config, world_tokens=n_world,
-                 split=(world._graphdef, world._state), **kwargs)

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import os
 from functools import partial
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,10 +18,10 @@ from theworld_jax.checkpoint import atomic_directory, restore_params, save_param
 from theworld_jax.config.gemma3 import Gemma3Config
 from theworld_jax.config.theworld import TheWorldConfig
 from theworld_jax.config.wan_vae import WanVAEConfig
-from theworld_jax.modeling.fusion import check_fused_length, inject_world_tokens
+from theworld_jax.generation import BucketPolicy, Decoding, start, stream_text
+from theworld_jax.inputs import Batch, InputSpec, prepare_batch
 from theworld_jax.modeling.theworld import ForwardOutput, TheWorldModel, make_world_projector
-from theworld_jax.processing import add_world_tokens, load_processor
-from theworld_jax.vae_processing import prepare_video
+from theworld_jax.processing import add_world_tokens, load_processor, original_vocab_size
 from theworld_jax.weights.loader import abstract_params
 
 GEMMA_CONFIG_FILE = "gemma_config.json"
@@ -32,7 +32,8 @@ class TheWorld:
     """Gemma 3 fused with Cosmos world latents. Build it with `TheWorld.from_pretrained`.
 
     Attributes: `config` (TheWorldConfig), `gemma_config`, `vae_config`, `processor` (a transformers
-    Gemma3Processor with the world tokens, or None), `model` (the TheWorldModel NNX module).
+    Gemma3Processor with the world tokens, or None), `model` (the TheWorldModel NNX module), `input_spec`
+    (what `theworld_jax.inputs.prepare_batch` needs to prepare this model's batches).
     """
 
     def __init__(self, model: TheWorldModel, config: TheWorldConfig, gemma_config: Gemma3Config,
@@ -44,6 +45,7 @@ class TheWorld:
         self.vae_config = vae_config
         self.processor = processor
         self._raw_configs = raw_configs
+        self.input_spec = InputSpec(gemma_config, config, vae_config, dtype=model.gemma.dtype)
         self._graphdef, self._state = nnx.split(model)
 
     # ------------------------------------------------------------------ loading
@@ -111,7 +113,7 @@ class TheWorld:
         if mesh is not None and vae is not None:  # small: loaded, then moved onto the mesh
             vae = sharding.shard_module(vae, mesh, prefix="vae.")
             projector = sharding.shard_module(projector, mesh, prefix="world_projector.")
-        model = TheWorldModel(gemma, vae, projector)
+        model = TheWorldModel(config, gemma, vae, projector)
         return cls(model, config, gemma_config, vae_config, processor, raw_configs=raw, mesh=mesh)
 
     @classmethod
@@ -157,99 +159,52 @@ class TheWorld:
         """Logits (B, L_out, V) of the (fused) sequence; `.loss` when labels are given.
 
         `images`: one per row, PIL images, (H, W, 3) uint8 arrays or (T, H, W, 3) clips, for the world
-        branch. Without them (or with enable_world=False) this is exactly Gemma 3.
+        branch (a single image or clip for a batch of one row). Without them (or with enable_world=False)
+        this is exactly Gemma 3. The inputs are checked and converted by `theworld_jax.inputs.prepare_batch`.
         """
-        batch = self._prepare(input_ids, attention_mask, pixel_values, token_type_ids, images, labels,
-                              position_ids)
+        batch = prepare_batch(self.input_spec, input_ids, attention_mask, pixel_values=pixel_values,
+                              token_type_ids=token_type_ids, labels=labels, position_ids=position_ids, images=images)
         if self.mesh is not None:
-            batch = {k: None if v is None else jax.device_put(v, sharding.batch_sharding(self.mesh, v.shape))
-                     for k, v in batch.items()}
-        return _forward_jit(self._graphdef, self._state, config=self.config, **batch)
-
-    def _prepare(self, input_ids, attention_mask, pixel_values, token_type_ids, images, labels,
-                 position_ids) -> dict:
-        """Host-side checks and conversion; world tokens injected and the VAE input built."""
-        input_ids = _as_ids("input_ids", input_ids)
-        b, length = input_ids.shape
-        vocab = self.gemma_config.text.vocab_size
-        if input_ids.min() < 0 or input_ids.max() >= vocab:
-            raise ValueError(f"input_ids must lie in [0, {vocab}); got values from {input_ids.min()} to "
-                             f"{input_ids.max()}")
-        attention_mask = (np.ones_like(input_ids) if attention_mask is None
-                          else _as_ids("attention_mask", attention_mask, (b, length)))
-        token_type_ids = None if token_type_ids is None else _as_ids("token_type_ids", token_type_ids, (b, length))
-        labels = None if labels is None else _as_ids("labels", labels, (b, length))
-        position_ids = None if position_ids is None else _as_ids("position_ids", position_ids, (b, length))
-        video = None
-        if images is not None:
-            if not self.config.enable_world:
-                raise ValueError("images were given but the world branch is disabled (enable_world=False)")
-            if position_ids is not None:
-                raise ValueError("position_ids cannot be given with images: the world tokens change positions")
-            if len(images) != b:
-                raise ValueError(f"got {len(images)} images/clips for a batch of {b} rows; pass one per row")
-            c = self.config
-            input_ids, attention_mask, token_type_ids, labels = inject_world_tokens(
-                input_ids, attention_mask, token_type_ids, labels, bos_id=self.gemma_config.text.bos_token_id,
-                sow_id=c.sow_token_id, eow_id=c.eow_token_id)
-            video = prepare_video(images, size=c.vae_image_size, value_range=c.vae_input_range)
-            check_fused_length(input_ids.shape[1], self.num_world_tokens(video.shape[1]),
-                               self.gemma_config.text.max_position_embeddings)
-        if pixel_values is not None:
-            pixel_values = jnp.asarray(np.asarray(pixel_values), self.model.gemma.dtype)
-        return dict(input_ids=jnp.asarray(input_ids), attention_mask=jnp.asarray(attention_mask),
-                    pixel_values=pixel_values,
-                    token_type_ids=None if token_type_ids is None else jnp.asarray(token_type_ids),
-                    labels=None if labels is None else jnp.asarray(labels),
-                    position_ids=None if position_ids is None else jnp.asarray(position_ids),
-                    video=None if video is None else jnp.asarray(video))
+            batch = jax.tree.map(lambda v: jax.device_put(v, sharding.batch_sharding(self.mesh, v.shape)), batch)
+        return _forward_jit(self._graphdef, self._state, batch)
 
     # ------------------------------------------------------------------ generation
     def generate(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None, images=None, *,
                  max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int = 0, **kwargs) -> np.ndarray:
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+                 vocab_limit: int | None = None, buckets: BucketPolicy = BucketPolicy()) -> np.ndarray:
         """Prompt (with the world tokens when injected) + new tokens (B, L + n), like transformers'
-        generate; `kwargs`: eos_token_id, pad_token_id, vocab_limit, buckets (theworld_jax.generation)."""
-        from theworld_jax.generation import start_theworld
-
-        decoding = start_theworld(self, input_ids, attention_mask, pixel_values, token_type_ids, images,
-                                  max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, seed=seed, **kwargs)
+        generate. eos_token_id: an id, ids, or () for none (default: the config's); pad_token_id (default:
+        the config's); vocab_limit: ids >= it are never produced (default: the tokenizer's length before
+        the world tokens); buckets: the padding policy (theworld_jax.generation.BucketPolicy)."""
+        decoding = self._start(input_ids, attention_mask, pixel_values, token_type_ids, images,
+                               max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                               top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id,
+                               pad_token_id=pad_token_id, vocab_limit=vocab_limit, buckets=buckets)
         decoding.advance()
         return decoding.sequences()
 
     def generate_stream(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None,
-                        images=None, *, chunk: int = 1, **kwargs):
+                        images=None, *, chunk: int = 1, **options) -> Iterator[str]:
         """An iterator of text pieces of a one-row prompt's answer as it is produced (`chunk` tokens per
-        device call); `kwargs` as for `generate`."""
-        from theworld_jax.generation import start_theworld, stream_text
-
-        decoding = start_theworld(self, input_ids, attention_mask, pixel_values, token_type_ids, images, **kwargs)
+        device call); `options` as for `generate`."""
+        decoding = self._start(input_ids, attention_mask, pixel_values, token_type_ids, images, **options)
         return stream_text(decoding, self.processor.tokenizer, chunk=chunk)
+
+    def _start(self, input_ids, attention_mask, pixel_values, token_type_ids, images, *, vocab_limit=None,
+               **options) -> Decoding:
+        batch = prepare_batch(self.input_spec, input_ids, attention_mask, pixel_values=pixel_values,
+                              token_type_ids=token_type_ids, images=images)
+        if vocab_limit is None:
+            vocab_limit = original_vocab_size(self.processor, self.gemma_config.text.vocab_size)
+        return start(self.model, batch, vocab_limit=vocab_limit, split=(self._graphdef, self._state), **options)
 
     def num_world_tokens(self, frames: int = 1) -> int:
         """World tokens per row for a clip of `frames` frames (1 for an image)."""
-        from theworld_jax.modeling.world_projector import num_world_tokens
-
-        return num_world_tokens(self.config.world_projection_mode, self.vae_config, self.config.vae_image_size,
-                                frames)
+        return self.input_spec.world_tokens(frames)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "config"))
-def _forward_jit(graphdef, state, *, config, **batch) -> ForwardOutput:
-    model = nnx.merge(graphdef, state)
-    return model.forward(**batch, config=config)
-
-
-def _as_ids(name: str, value, shape: tuple[int, int] | None = None) -> np.ndarray:
-    """An int32 (B, L) array from a list / NumPy / JAX / torch value, with a clear error otherwise."""
-    array = np.asarray(value.numpy() if hasattr(value, "numpy") and not isinstance(value, np.ndarray) else value)
-    if array.ndim == 1:
-        array = array[None]
-    if array.ndim != 2 or 0 in array.shape:
-        raise ValueError(f"{name} must be a non-empty (batch, length) array; got shape {array.shape}")
-    if not np.issubdtype(array.dtype, np.integer) and not np.issubdtype(array.dtype, np.bool_):
-        raise ValueError(f"{name} must hold integers; got dtype {array.dtype}")
-    if shape is not None and array.shape != shape:
-        raise ValueError(f"{name} has shape {array.shape}, expected {shape} like input_ids")
-    return array.astype(np.int32)
+@partial(jax.jit, static_argnums=0)
+def _forward_jit(graphdef, state, batch: Batch) -> ForwardOutput:
+    return nnx.merge(graphdef, state).forward(**batch.model_inputs())

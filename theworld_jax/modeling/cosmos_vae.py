@@ -165,7 +165,7 @@ class CosmosVAE(nnx.Module):
         dtype = np.dtype(getattr(video, "dtype", np.float32))
         if not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(f"video must be floating point in [-1, 1]; got dtype {dtype} "
-                             "(use theworld_jax.vae_processing.prepare_video for uint8 images)")
+                             "(use theworld_jax.inputs.prepare_video for uint8 images)")
         used = 1 + (shape[1] - 1) // cfg.chunk_frames * cfg.chunk_frames  # diffusers drops the rest
         return jnp.asarray(video if used == shape[1] else video[:, :used], self.dtype)
 

@@ -16,6 +16,7 @@ from flax import nnx
 
 from theworld_jax.attention import make_attention_mask
 from theworld_jax.config.gemma3 import Gemma3Config
+from theworld_jax.modeling.fusion import FusedBatch
 from theworld_jax.modeling.gemma3_text import Gemma3TextDecoder
 from theworld_jax.modeling.mm_projector import Gemma3MultiModalProjector
 from theworld_jax.modeling.siglip import SiglipVisionTower
@@ -49,6 +50,11 @@ class Gemma3Model(nnx.Module):
             self.vision_tower = None
             self.multi_modal_projector = None
 
+    @property
+    def gemma_config(self) -> Gemma3Config:
+        """This model's config (TheWorldModel answers the same with its Gemma's)."""
+        return self.config
+
     def image_features(self, pixel_values: jax.Array) -> jax.Array:
         """pixel_values (N_img, C, S, S) -> (N_img, mm_tokens_per_image, D) soft-token embeddings."""
         if self.vision_tower is None:
@@ -76,6 +82,14 @@ class Gemma3Model(nnx.Module):
                     f"image(s) give {n_features} features ({cfg.mm_tokens_per_image} per image); they must match")
         features = self.image_features(pixel_values).astype(embeds.dtype)
         return self.place_features(embeds, is_image, features)
+
+    def lm_inputs(self, input_ids, attention_mask, *, pixel_values=None, token_type_ids=None, labels=None,
+                  video=None) -> FusedBatch:
+        """The decoder's inputs (B, L): embeddings with image features, positions from the mask."""
+        if video is not None:
+            raise ValueError("a video was given, but a Gemma 3 model has no world branch")
+        return FusedBatch(self.embed_inputs(input_ids, pixel_values), attention_mask, token_type_ids, labels,
+                          positions_from_mask(attention_mask))
 
     @staticmethod
     def place_features(embeds: jax.Array, where: jax.Array, features: jax.Array) -> jax.Array:

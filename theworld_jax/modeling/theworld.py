@@ -1,7 +1,7 @@
 """TheWorldModel: Gemma 3 + the Cosmos VAE encoder + the world projector, as one NNX module.
 
 `forward` is traceable (no host work): the caller prepares the VAE input and injects the world tokens
-on the host (theworld_jax.fusion), then runs this under jit.
+on the host (`theworld_jax.inputs.prepare_batch`), then runs this under jit.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from theworld_jax.config.theworld import TheWorldConfig
 from theworld_jax.config.wan_vae import WanVAEConfig
 from theworld_jax.modeling.cosmos_vae import CosmosVAE
 from theworld_jax.modeling.fusion import FusedBatch, causal_lm_loss, splice_world
-from theworld_jax.modeling.gemma3 import Gemma3Model, positions_from_mask
+from theworld_jax.modeling.gemma3 import Gemma3Model
 from theworld_jax.modeling.world_projector import WorldProjector, latents_to_tokens, projector_in_features
 
 
@@ -31,9 +31,12 @@ class ForwardOutput:
 
 
 class TheWorldModel(nnx.Module):
-    """The fused network. `vae` and `world_projector` are None when the world branch is disabled."""
+    """The fused network, owning its `config`. `vae` and `world_projector` are None when the world branch
+    is disabled."""
 
-    def __init__(self, gemma: Gemma3Model, vae: CosmosVAE | None, world_projector: WorldProjector | None):
+    def __init__(self, config: TheWorldConfig, gemma: Gemma3Model, vae: CosmosVAE | None,
+                 world_projector: WorldProjector | None):
+        self.config = config
         self.gemma = gemma
         self.vae = vae
         self.world_projector = world_projector
@@ -44,32 +47,41 @@ class TheWorldModel(nnx.Module):
         """A randomly initialised model of the given configs (use under nnx.eval_shape for loading)."""
         gemma = Gemma3Model(gemma_config, dtype=dtype, rngs=rngs)
         if not config.enable_world:
-            return cls(gemma, None, None)
+            return cls(config, gemma, None, None)
         vae = CosmosVAE(vae_config, dtype=dtype, rngs=rngs)
         projector = make_world_projector(config, gemma_config, vae_config, dtype=dtype, rngs=rngs)
-        return cls(gemma, vae, projector)
+        return cls(config, gemma, vae, projector)
 
-    def world_embeddings(self, video: jax.Array, mode: str) -> jax.Array:
+    @property
+    def gemma_config(self) -> Gemma3Config:
+        return self.gemma.config
+
+    @property
+    def language_model(self):
+        return self.gemma.language_model
+
+    def world_embeddings(self, video: jax.Array) -> jax.Array:
         """video (B, T, H, W, 3) as the VAE expects it -> world tokens (B, N, D) in the LM dtype."""
         latents = self.vae.encode_mean(video.astype(self.vae.dtype))
-        return self.world_projector(latents_to_tokens(latents, mode))
+        return self.world_projector(latents_to_tokens(latents, self.config.world_projection_mode))
 
     def lm_inputs(self, input_ids, attention_mask, *, pixel_values=None, token_type_ids=None, labels=None,
-                  video=None, config: TheWorldConfig | None = None) -> FusedBatch:
+                  video=None) -> FusedBatch:
         """The decoder's inputs (B, L_out): Gemma embeddings with image features, and the world tokens
-        spliced in after each row's <start_of_world> when `video` is given (then `config` is needed)."""
-        embeds = self.gemma.embed_inputs(input_ids, pixel_values)
+        spliced in after each row's <start_of_world> when `video` is given."""
         if video is None:
-            return FusedBatch(embeds, attention_mask, token_type_ids, labels, positions_from_mask(attention_mask))
-        world = self.world_embeddings(video, config.world_projection_mode).astype(embeds.dtype)
+            return self.gemma.lm_inputs(input_ids, attention_mask, pixel_values=pixel_values,
+                                        token_type_ids=token_type_ids, labels=labels)
+        embeds = self.gemma.embed_inputs(input_ids, pixel_values)
+        world = self.world_embeddings(video).astype(embeds.dtype)
         return splice_world(embeds, input_ids, attention_mask, token_type_ids, labels, world,
-                            sow_id=config.sow_token_id, world_attention=config.world_attention)
+                            sow_id=self.config.sow_token_id, world_attention=self.config.world_attention)
 
     def forward(self, input_ids, attention_mask, *, pixel_values=None, token_type_ids=None, labels=None,
-                video=None, position_ids=None, config: TheWorldConfig) -> ForwardOutput:
+                video=None, position_ids=None) -> ForwardOutput:
         """input_ids/attention_mask (B, L) (world tokens already injected on the host when video is given)."""
         fused = self.lm_inputs(input_ids, attention_mask, pixel_values=pixel_values, token_type_ids=token_type_ids,
-                               labels=labels, video=video, config=config)
+                               labels=labels, video=video)
         positions = fused.positions if position_ids is None else position_ids
         logits = self.gemma.decode_embeds(fused.embeds, fused.attention_mask, fused.token_type_ids, positions)
         loss = causal_lm_loss(logits, fused.labels) if labels is not None else None

@@ -5,9 +5,10 @@ clip (a (T, H, W, 3) uint8 array, or a list of frames, each a PIL image or an (H
 sample may be passed without the list; a (B, T, H, W, 3) uint8 array is a batch of clips. An image is a
 clip of one frame. All clips of a batch must have the same length.
 
-Colour: PIL images must already be RGB. Other modes ("L", "RGBA", "P", ...) are an error unless
-`convert_rgb=True`, which converts them with `Image.convert("RGB")` as upstream TheWorld did (for RGBA
-that drops the alpha channel). Arrays must be uint8 with 3 channels.
+Colour: PIL images must already be RGB. Other modes ("L", "RGBA", "P", ...) are an error (the message
+says to call `image.convert("RGB")`) unless `convert_rgb=True`, which converts them with
+`Image.convert("RGB")` as upstream TheWorld did (for RGBA that drops the alpha channel). Arrays must be
+uint8 with 3 channels.
 
 Values: "minus_one_one" (default, what the VAE was trained on) gives x / 127.5 - 1; "zero_255" gives
 the raw 0..255 values as float, which is what upstream TheWorld fed its VAE.
@@ -20,17 +21,17 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-VALUE_RANGES = ("minus_one_one", "zero_255")
+from theworld_jax.config.theworld import VAE_INPUT_RANGES
 
 
 def prepare_video(images_or_clips, size: int | tuple[int, int] | None = (512, 512),
                   value_range: str = "minus_one_one", convert_rgb: bool = False) -> np.ndarray:
     """Images or clips -> (B, T, H, W, 3) float32; `size` is (height, width), an int for a square,
     or None to keep the inputs' size (which must then agree)."""
-    if value_range not in VALUE_RANGES:
-        raise ValueError(f"value_range must be one of {VALUE_RANGES}; got {value_range!r}")
+    if value_range not in VAE_INPUT_RANGES:
+        raise ValueError(f"value_range must be one of {VAE_INPUT_RANGES}; got {value_range!r}")
     size = _check_size(size)
-    samples = _as_samples(images_or_clips)
+    samples = as_samples(images_or_clips)
     if not samples:
         raise ValueError("the batch is empty: expected at least one image or clip")
     clips = [_prepare_clip(sample, i, size, convert_rgb) for i, sample in enumerate(samples)]
@@ -54,7 +55,7 @@ def _check_size(size) -> tuple[int, int] | None:
     return int(size[0]), int(size[1])
 
 
-def _as_samples(data) -> list:
+def as_samples(data) -> list:
     if isinstance(data, Image.Image):
         return [data]
     if isinstance(data, np.ndarray):
@@ -94,7 +95,7 @@ def _prepare_frame(frame, where: str, size, convert_rgb: bool) -> np.ndarray:
         if frame.mode != "RGB":
             if not convert_rgb:
                 raise ValueError(f"{where}: expected an RGB image; got mode {frame.mode!r} "
-                                 "(convert it with image.convert('RGB') or pass convert_rgb=True)")
+                                 "(convert it first with image.convert('RGB'))")
             frame = frame.convert("RGB")
         image = frame
     elif isinstance(frame, np.ndarray):

@@ -1,0 +1,53 @@
+"""The one way this library jits a module: `jit_module(fn, module, ...)(*args, **kwargs)`.
+
+`fn(module, *args, **kwargs)` is compiled with `jax.jit` (`static_argnames` / `donate_argnames` name
+`fn`'s own parameters). The module is split once per (module, fn, options); each call reads the live
+values of its variables, so a call costs a flat list of arrays and a jitted dispatch (not an NNX graph
+traversal, which is what `nnx.jit` pays per call) and sees parameter updates made in place. The module's
+structure must not change after the first call. Compiled programs are shared by all modules of one
+structure. Under an outer trace (a module holding tracers) the call is inlined as a nested jit.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from typing import Any, Callable
+
+import jax
+from flax import nnx
+
+_BOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def jit_module(fn: Callable[..., Any], module: nnx.Module, *, static_argnames: tuple[str, ...] = (),
+               donate_argnames: tuple[str, ...] = ()) -> Callable[..., Any]:
+    """`functools.partial(fn, module)`, jitted (cached per module, fn and options)."""
+    key = (fn, tuple(static_argnames), tuple(donate_argnames))
+    bound = _BOUND.setdefault(module, {})
+    if key not in bound:
+        bound[key] = _Bound(module, *key)
+    return bound[key]
+
+
+class _Bound:
+    def __init__(self, module: nnx.Module, fn, static_argnames: tuple, donate_argnames: tuple):
+        graphdef, state = nnx.split(module)
+        paths = tuple(path for path, _ in nnx.to_flat_state(state))
+        live = {tuple(p): v for p, v in nnx.iter_graph(module) if isinstance(v, nnx.Variable)}
+        self._variables = [live[p] for p in paths]
+        self._jitted = _jit(graphdef, paths, fn, static_argnames, donate_argnames)
+
+    def __call__(self, *args, **kwargs):
+        return self._jitted([v.get_value() for v in self._variables], *args, **kwargs)
+
+
+@functools.lru_cache(maxsize=64)
+def _jit(graphdef, paths: tuple, fn, static_argnames: tuple, donate_argnames: tuple):
+    """One jitted function per (module structure, fn, options)."""
+
+    @functools.wraps(fn)  # fn's name in compile logs and profiles; fn's signature for the argnames
+    def run(values, *args, **kwargs):
+        return fn(nnx.merge(graphdef, nnx.from_flat_state(list(zip(paths, values)))), *args, **kwargs)
+
+    return jax.jit(run, static_argnames=static_argnames, donate_argnames=donate_argnames)
