@@ -11,8 +11,10 @@ depend on the values, so the two sides need not share them. Same card, same run,
   (896x896) run inside the prefill.
 - Decode: --new-tokens (128) greedy tokens, all of them forced (transformers: min_new_tokens; ours: no eos
   ids). transformers: (T(generate 128) - T(generate 1)) / 127 per step; ours: the decode loop alone.
-- Roofline (batch 1): bytes read per decode step (LM weights incl. the tied head, plus the whole KV
-  cache, which the step reads) over the measured device copy bandwidth (x + 1 on 2 GiB, read + write).
+- Roofline: bytes read per decode step (LM weights incl. the tied head, plus the whole KV cache, which
+  the step reads) over the copy bandwidth measured in the same run (x + 1 on 2 GiB, read + write); the
+  transformers rows show the same floor (same weights, a KV cache of about the same size).
+- --sampling: the batch-1 decode again with do_sample (top_k=64 top_p=0.95, then top_p=0.95 alone).
 
 Every timing: one warm-up call (its time is reported as the first call), then the median of --repeats.
 
@@ -83,7 +85,7 @@ def run_torch(args, config, device: str) -> dict:
         model.model.language_model.embed_tokens.weight.normal_(0.0, args.embed_std)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     out = {}
-    for b in args.batches:
+    for b in args.torch_batches:
         ids = torch.from_numpy(prompt_ids(b, args.prompt_len, config.text_config.bos_token_id, args.tiny,
                                           args.seed)).to(device)
         mask = torch.ones_like(ids)
@@ -205,12 +207,33 @@ def run_jax(args, config) -> dict:
         log(f"  prefill {1e3 * prefill:.1f} ms, decode {1e3 * step:.2f} ms/step ({b / step:.1f} tok/s), "
             f"roofline {1e3 * floor:.2f} ms/step")
         del decodings
+    sampled = {} if not args.sampling else run_sampling(args, model, cfg, kw, out)
     world = None if args.skip_world else run_world(args, model, cfg)
     stats = device.memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     return dict(device=str(device), device_kind=device.device_kind, build_s=build_s, copy_bandwidth=bandwidth,
-                batches=out, world_prefill=world, peak_gib=None if peak is None else peak / 2**30,
+                batches=out, sampling=sampled, world_prefill=world, peak_gib=None if peak is None else peak / 2**30,
                 jax_version=jax.__version__)
+
+
+def run_sampling(args, model, cfg, kw: dict, greedy: dict) -> dict:
+    """Decode ms/step at batch 1 with sampling on, against the greedy step of the same run."""
+    from theworld_jax import generation
+
+    ids = prompt_ids(1, args.prompt_len, cfg.text.bos_token_id, args.tiny, args.seed)
+    out = {}
+    for name, extra in (("top_k=64 top_p=0.95", dict(top_k=64, top_p=0.95)), ("top_p=0.95", dict(top_p=0.95))):
+        sample_kw = dict(kw, do_sample=True, temperature=1.0, **extra)
+        decodings = [generation.start(model, ids, **sample_kw) for _ in range(args.repeats + 1)]
+        log(f"theworld_jax B=1 sampling {name}: decode {args.new_tokens - 1} steps")
+        first, decode, times = timed(lambda: _advance_all(decodings.pop()), args.repeats)
+        step = decode / (args.new_tokens - 1)
+        base = greedy[1]["decode_step_s"] if 1 in greedy else None
+        out[name] = dict(decode_step_s=step, decode_all_s=times, greedy_step_s=base,
+                         extra_fraction=None if base is None else (step - base) / step)
+        log(f"  {1e3 * step:.3f} ms/step" + ("" if base is None else f" (greedy {1e3 * base:.3f})"))
+        del decodings
+    return out
 
 
 def _advance_all(decoding) -> None:
@@ -283,20 +306,24 @@ def markdown(r: dict) -> str:
              f"{r['versions']['torch']}, transformers {r['versions']['transformers']}. bfloat16, random weights, "
              f"greedy; prompt {r['prompt_len']} text tokens (JAX pads it to its bucket), {r['new_tokens']} new tokens "
              f"forced. Median of {r['repeats']} after one warm-up.", "",
-             "| batch | side | prefill ms | prefill tok/s | decode ms/step | decode tok/s | first call s (prefill / rest) |",
-             "|---|---|---|---|---|---|---|"]
+             "| batch | side | prefill ms | prefill tok/s | decode ms/step | decode tok/s | decode roofline ms/step "
+             "(roofline / measured) | first call s (prefill / rest) |",
+             "|---|---|---|---|---|---|---|---|"]
     for b in r["batches"]:
         jb = j["batches"][b]
+        floor = jb["roofline"]["floor_step_s"]
         lines.append(f"| {b} | theworld_jax | {1e3 * jb['prefill_s']:.1f} | {jb['prefill_tokens_per_s']:,.0f} | "
                      f"{1e3 * jb['decode_step_s']:.2f} | {jb['decode_tokens_per_s']:,.1f} | "
+                     f"{1e3 * floor:.2f} ({100 * floor / jb['decode_step_s']:.0f}%) | "
                      f"{jb['prefill_first_s']:.1f} / {jb['decode_first_s']:.1f} |")
-        if t is not None:
+        if t is not None and b in t["batches"]:
             tb = t["batches"][b]
             lines.append(f"| {b} | transformers ({t['attn_implementation']}) | {1e3 * tb['prefill_s']:.1f} | "
                          f"{tb['prefill_tokens_per_s']:,.0f} | {1e3 * tb['decode_step_s']:.2f} | "
-                         f"{tb['decode_tokens_per_s']:,.1f} | {tb['prefill_first_s']:.1f} / {tb['generate_first_s']:.1f} |")
+                         f"{tb['decode_tokens_per_s']:,.1f} | {1e3 * floor:.2f} ({100 * floor / tb['decode_step_s']:.0f}%) | "
+                         f"{tb['prefill_first_s']:.1f} / {tb['generate_first_s']:.1f} |")
             lines.append(f"| {b} | speed-up | {tb['prefill_s'] / jb['prefill_s']:.2f}x | | "
-                         f"{tb['decode_step_s'] / jb['decode_step_s']:.2f}x | | |")
+                         f"{tb['decode_step_s'] / jb['decode_step_s']:.2f}x | | | |")
     bw = j["copy_bandwidth"]
     lines += ["", f"Roofline (decode, bytes read per step / copy bandwidth {bw['bytes_per_s'] / 1e12:.3f} TB/s):", "",
               "| batch | weights GB | KV cache GB | floor ms/step | measured ms/step | measured / floor |",
@@ -306,6 +333,9 @@ def markdown(r: dict) -> str:
         lines.append(f"| {b} | {rf['weight_bytes'] / 1e9:.3f} | {rf['cache_bytes'] / 1e9:.3f} | "
                      f"{1e3 * rf['floor_step_s']:.2f} | {1e3 * jb['decode_step_s']:.2f} | "
                      f"{jb['decode_step_s'] / rf['floor_step_s']:.2f}x |")
+    for name, sv in (j.get("sampling") or {}).items():
+        lines += ["", f"Sampling at batch 1 ({name}, temperature 1): {1e3 * sv['decode_step_s']:.2f} ms/step against "
+                  f"greedy {1e3 * sv['greedy_step_s']:.2f} ms/step: {100 * sv['extra_fraction']:.1f}% of the step."]
     w = j.get("world_prefill")
     if w:
         lines += ["", f"TheWorld fused prefill (JAX, batch 1): {w['fused_length']} tokens ({w['world_tokens']} world "
@@ -321,7 +351,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="the tiny test config on CPU (checks the script)")
     parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 4400; tiny 48)")
     parser.add_argument("--new-tokens", type=int, default=None, help="new tokens (default 128; tiny 8)")
-    parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default 1 8; tiny 1 2)")
+    parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default 1 8 32; tiny 1 2)")
+    parser.add_argument("--torch-batches", type=int, nargs="+", default=None,
+                        help="batch sizes for transformers (default: --batches without 32)")
+    parser.add_argument("--sampling", action="store_true", help="also decode with sampling at batch 1")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--embed-std", type=float, default=0.02, help="std of transformers' tied embedding")
@@ -331,7 +364,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.prompt_len = args.prompt_len or (48 if args.tiny else 4400)
     args.new_tokens = args.new_tokens or (8 if args.tiny else 128)
-    args.batches = args.batches or ([1, 2] if args.tiny else [1, 8])
+    args.batches = args.batches or ([1, 2] if args.tiny else [1, 8, 32])
+    args.torch_batches = args.torch_batches or [b for b in args.batches if b != 32]
     if args.new_tokens < 2:
         raise SystemExit("--new-tokens must be at least 2 (decode time is measured over new_tokens - 1 steps)")
     if args.tiny:

@@ -227,6 +227,18 @@ def test_samples_follow_the_filtered_distribution():
     np.testing.assert_allclose(freq, [0.5 / 0.8, 0.3 / 0.8, 0, 0], atol=0.015)  # nucleus {0, 1}, renormalised
 
 
+@pytest.mark.parametrize("spread", [2.0, 0.5])  # the nucleus inside the top CANDIDATES ids, then past them
+def test_top_p_draws_stay_in_the_nucleus(spread):
+    vocab = 2 * sampling.CANDIDATES
+    logits = np.random.RandomState(1).randn(1, vocab).astype(np.float32) * spread
+    config = sampling.SamplingConfig.make(vocab_limit=vocab, vocab_size=vocab, do_sample=True, top_p=0.9)
+    kept = np.isfinite(np.asarray(filter_logits(logits, config, np.float32(1.0), np.float32(0.9))))[0]
+    assert (kept.sum() > sampling.CANDIDATES) == (spread < 1)
+    draws = np.asarray(jax.jit(jax.vmap(lambda key: choose(logits, key, config, np.float32(1.0), np.float32(0.9))))(
+        jax.random.split(jax.random.key(0), 4000)))[:, 0]
+    assert kept[draws].all() and len(set(draws.tolist())) > 0.8 * kept.sum()
+
+
 def test_ten_prompt_lengths_compile_a_few_programs(tiny):
     _, processor, model = tiny
     ids = processor.tokenizer([TEXT], return_tensors="np")["input_ids"][0]

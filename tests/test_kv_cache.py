@@ -78,7 +78,7 @@ def test_cache_sizes_follow_layer_types(setup):
 def test_prefill_keeps_the_last_window_in_ring_slots():
     """13 tokens, the first 3 padding, into 8 slots: indices 5..12 at slot index % 8."""
     slots, length = 8, 13
-    layer = LayerCache(k=jnp.zeros((1, slots, 1, 2)), v=jnp.zeros((1, slots, 1, 2)),
+    layer = LayerCache(k=jnp.zeros((1, 1, slots, 2)), v=jnp.zeros((1, 1, slots, 2)),
                        index=jnp.full((1, slots), -1, jnp.int32))
     index = jnp.arange(length, dtype=jnp.int32)[None]
     values = jnp.broadcast_to(index[..., None, None].astype(jnp.float32), (1, length, 1, 2))
@@ -86,7 +86,7 @@ def test_prefill_keeps_the_last_window_in_ring_slots():
     written = layer.write(values, -values, index, valid)
     expected = np.array([8, 9, 10, 11, 12, 5, 6, 7])
     np.testing.assert_array_equal(np.asarray(written.index[0]), expected)
-    np.testing.assert_array_equal(np.asarray(written.k[0, :, 0, 0]), expected)
+    np.testing.assert_array_equal(np.asarray(written.k[0, 0, :, 0]), expected)
     padded = layer.write(values[:, :4], values[:, :4], index[:, :4], valid[:, :4])
     np.testing.assert_array_equal(np.asarray(padded.index[0]), [-1, -1, -1, 3, -1, -1, -1, -1])
 

@@ -46,41 +46,77 @@ class SamplingConfig:
                    use_top_p=bool(do_sample and top_p is not None and top_p < 1))
 
 
-def _nucleus(logits: jax.Array, ordered: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Keep the smallest set of highest logits whose probability reaches top_p (the top one always).
+# top-p alone draws from the top CANDIDATES ids when they hold the nucleus (almost always), instead of
+# sorting the whole vocabulary; a row whose nucleus is larger sends the step through the full sort.
+CANDIDATES = 256
 
-    `ordered` (B, k): the k highest logits in descending order (all that may survive).
-    """
-    probs = jax.nn.softmax(ordered, axis=-1)
+
+def _limited(logits: jax.Array, config: SamplingConfig) -> jax.Array:
+    """(B, V) float32 logits with the ids at or past vocab_limit at -inf."""
+    logits = logits.astype(jnp.float32)
+    return jnp.where(jnp.arange(logits.shape[-1]) < config.vocab_limit, logits, NEG_INF)
+
+
+def _nucleus(ordered: jax.Array, probs: jax.Array, top_p: jax.Array) -> jax.Array:
+    """`ordered` (B, k) descending logits, `probs` their probabilities -> `ordered` with the entries past the
+    smallest prefix whose mass reaches top_p at -inf (the top one always stays; ties with the last kept stay)."""
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     keep = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1
     threshold = jnp.take_along_axis(ordered, jnp.maximum(keep, 1) - 1, axis=-1)
-    return jnp.where(logits < threshold, NEG_INF, logits)
+    return jnp.where(ordered < threshold, NEG_INF, ordered)
+
+
+def _survivors(logits: jax.Array, k: int, config: SamplingConfig, top_p: jax.Array,
+               top: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
+    """(values, ids) (B, k): the k highest of the (scaled) logits in descending order, those that top-p
+    removes at -inf. With top_k the nucleus is taken within the top k (as transformers' warpers chain);
+    without it, k must hold the nucleus (probabilities over the whole vocabulary)."""
+    values, ids = jax.lax.top_k(logits, k) if top is None else top
+    if config.use_top_p:
+        if config.top_k is not None:
+            probs = jax.nn.softmax(values, axis=-1)
+        else:
+            probs = jnp.exp(values - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
+        values = _nucleus(values, probs, top_p)
+    return values, ids
 
 
 def filter_logits(logits: jax.Array, config: SamplingConfig, temperature: jax.Array,
                   top_p: jax.Array) -> jax.Array:
-    """logits (B, V) float32 -> the logits the choice is made from, removed entries at -inf."""
-    logits = logits.astype(jnp.float32)
-    ids = jnp.arange(logits.shape[-1])
-    logits = jnp.where(ids < config.vocab_limit, logits, NEG_INF)
+    """logits (B, V) -> the float32 logits the choice is made from, removed entries at -inf."""
+    logits = _limited(logits, config)
     if not config.do_sample:
         return logits
     logits = logits / temperature
-    if config.top_k is not None:
-        ordered = jax.lax.top_k(logits, config.top_k)[0]
-        logits = jnp.where(logits < ordered[..., -1:], NEG_INF, logits)
-    elif config.use_top_p:
-        ordered = jnp.sort(logits, axis=-1)[..., ::-1]
-    if config.use_top_p:
-        logits = _nucleus(logits, ordered, top_p)
-    return logits
+    if config.top_k is None and not config.use_top_p:
+        return logits
+    values, ids = _survivors(logits, config.top_k or logits.shape[-1], config, top_p)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return jnp.full_like(logits, NEG_INF).at[rows, ids].set(values)
 
 
 def choose(logits: jax.Array, key: jax.Array, config: SamplingConfig, temperature: jax.Array,
            top_p: jax.Array) -> jax.Array:
-    """logits (B, V) -> next tokens (B,) int32: argmax, or a draw from the filtered distribution."""
-    logits = filter_logits(logits, config, temperature, top_p)
+    """logits (B, V) -> next tokens (B,) int32: argmax, or a draw from the filtered distribution.
+
+    Sampling draws among the top-k (or, for top-p alone, the top CANDIDATES) ids only, never sorting the
+    vocabulary unless a nucleus is larger than CANDIDATES."""
+    logits = _limited(logits, config)
     if not config.do_sample:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if config.top_k is None and not config.use_top_p:
+        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+    def draw(values, ids):
+        pick = jax.random.categorical(key, values, axis=-1)
+        return jnp.take_along_axis(ids, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+    vocab = logits.shape[-1]
+    k = config.top_k or min(CANDIDATES, vocab)
+    top = jax.lax.top_k(logits, k)
+    if config.top_k is not None or k == vocab:
+        return draw(*_survivors(logits, k, config, top_p, top))
+    mass = jnp.sum(jnp.exp(top[0] - jax.nn.logsumexp(logits, axis=-1, keepdims=True)), axis=-1)
+    return jax.lax.cond(jnp.all(mass >= top_p), lambda: draw(*_survivors(logits, k, config, top_p, top)),
+                        lambda: draw(*_survivors(logits, vocab, config, top_p)))

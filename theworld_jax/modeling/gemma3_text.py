@@ -35,15 +35,15 @@ class Gemma3Attention(nnx.Module):
                  prefilled: bool, implementation: str) -> tuple[jax.Array, LayerCache | None]:
         """x (B,T,D), rope (cos, sin) (B,T,H) -> ((B,T,D), updated cache or None)."""
         cos, sin = rope
-        q = apply_rope(self.q_norm(self.q_proj("BTD,DNH->BTNH", x)), cos, sin)
-        k = apply_rope(self.k_norm(self.k_proj("BSD,DKH->BSKH", x)), cos, sin)
-        v = self.v_proj("BSD,DKH->BSKH", x)
+        q = apply_rope(self.q_norm(self.q_proj.matmul(x, 1)), cos, sin)  # BTD,DNH->BTNH
+        k = apply_rope(self.k_norm(self.k_proj.matmul(x, 1)), cos, sin)  # BSD,DKH->BSKH
+        v = self.v_proj.matmul(x, 1)  # BSD,DKH->BSKH
         kw = dict(window=self.window, scale=self.scale, implementation=implementation)
         if cache is None:
             out = dot_product_attention(q, k, v, mask, **kw)
         else:
             out, cache = cached_attention(cache, prefilled, q, k, v, mask, **kw)
-        return self.o_proj("BTNH,NHD->BTD", out), cache
+        return self.o_proj.matmul(out, 2), cache  # BTNH,NHD->BTD
 
 
 class Gemma3DecoderLayer(nnx.Module):

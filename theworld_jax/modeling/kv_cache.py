@@ -1,6 +1,8 @@
 """Static-shape KV cache for the Gemma 3 decoder, with ring buffers on sliding-window layers.
 
-Each layer keeps k, v (B, S_l, K, H) (after k_norm and RoPE) and `index` (B, S_l) int32: the sequence
+Each layer keeps k, v (B, K, S_l, H) (after k_norm and RoPE; heads before slots, so that decode
+attention reads each head's keys as one contiguous (S_l, H) matrix with no transposed copy of the
+cache) and `index` (B, S_l) int32: the sequence
 index of the token in each slot, or -1 for an empty slot or a padding token (so `index >= 0` is the
 key's validity). Full layers have S_l = max_length slots; sliding layers S_l = min(window, max_length),
 used as a ring: the token with index i lives in slot i % S_l. Indices must stay below max_length.
@@ -27,7 +29,7 @@ from theworld_jax.config.gemma3 import Gemma3TextConfig
 
 @struct.dataclass
 class LayerCache:
-    """One layer's keys and values. k, v (B, S, K, H); index (B, S) int32, -1 = no valid token."""
+    """One layer's keys and values. k, v (B, K, S, H); index (B, S) int32, -1 = no valid token."""
 
     k: jax.Array
     v: jax.Array
@@ -41,15 +43,26 @@ class LayerCache:
         """Store T tokens (k, v (B,T,K,H), index/valid (B,T)) at slots index % S; when T > S, only the
         last S indices of each row are kept. Invalid tokens are stored with index -1."""
         slots = self.slots
-        newest = jnp.max(index, axis=1, keepdims=True)
-        slot = jnp.where(index > newest - slots, index % slots, slots)  # out of range: dropped
         stored = jnp.where(valid, index, -1).astype(jnp.int32)
-
-        def put(buffer, where, values):
-            return buffer.at[where].set(values.astype(buffer.dtype), mode="drop")
-
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # (B,K,T,H), as stored
+        if index.shape[1] == 1:  # one token per row (decoding): its slot is always in range
+            def put(buffer, where, values):  # buffer (S,) or (K, S, H); values (1,) or (K, 1, H)
+                return jax.lax.dynamic_update_slice_in_dim(buffer, values.astype(buffer.dtype), where[0],
+                                                           axis=buffer.ndim - 1 - (buffer.ndim > 1))
+            slot = index % slots
+        else:
+            def put(buffer, where, values):  # buffer (S,) or (K, S, H); values (T,) or (K, T, H)
+                at = buffer.at[where] if buffer.ndim == 1 else buffer.at[:, where]
+                return at.set(values.astype(buffer.dtype), mode="drop")
+            newest = jnp.max(index, axis=1, keepdims=True)
+            slot = jnp.where(index > newest - slots, index % slots, slots)  # out of range: dropped
         return LayerCache(k=jax.vmap(put)(self.k, slot, k), v=jax.vmap(put)(self.v, slot, v),
                           index=jax.vmap(put)(self.index, slot, stored))
+
+    def keys(self) -> tuple[jax.Array, jax.Array]:
+        """(k, v) as (B, S, K, H), the layout of the attention functions (a view: XLA folds the
+        transpose into the attention's dot products)."""
+        return jnp.swapaxes(self.k, 1, 2), jnp.swapaxes(self.v, 1, 2)
 
     def key_mask(self, mask: AttentionMask) -> AttentionMask:
         """The queries of `mask` against this cache's slots."""
@@ -73,7 +86,7 @@ class KVCache:
         for i in range(config.num_hidden_layers):
             window = config.window(i)
             slots = max_length if window is None else min(window, max_length)
-            shape = (batch, slots, config.num_key_value_heads, config.head_dim)
+            shape = (batch, config.num_key_value_heads, slots, config.head_dim)
             layers.append(LayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                                      index=jnp.full((batch, slots), -1, jnp.int32)))
         return cls(layers=tuple(layers), prefilled=False)
@@ -97,14 +110,15 @@ def cached_attention(cache: LayerCache, prefilled: bool, q: jax.Array, k: jax.Ar
         return out, cache.write(k, v, mask.k_index, mask.k_valid)
     if t == 1:
         cache = cache.write(k, v, mask.k_index, mask.k_valid)
-        return dot_product_attention(q, cache.k, cache.v, cache.key_mask(mask), **kw), cache
+        return dot_product_attention(q, *cache.keys(), cache.key_mask(mask), **kw), cache
     held = cache.key_mask(mask)
     joint = AttentionMask(
         q_index=mask.q_index, q_block=mask.q_block,
         k_index=jnp.concatenate([held.k_index, mask.k_index], axis=1),
         k_valid=jnp.concatenate([held.k_valid, mask.k_valid], axis=1),
         k_block=jnp.concatenate([held.k_block, mask.k_block], axis=1))
-    keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1)
-    values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1)
+    held_k, held_v = cache.keys()
+    keys = jnp.concatenate([held_k, k.astype(held_k.dtype)], axis=1)
+    values = jnp.concatenate([held_v, v.astype(held_v.dtype)], axis=1)
     out = dot_product_attention(q, keys, values, joint, **kw)
     return out, cache.write(k, v, mask.k_index, mask.k_valid)

@@ -43,6 +43,19 @@ class Einsum(nnx.Module):
     def __call__(self, equation: str, x: jax.Array) -> jax.Array:
         return jnp.einsum(equation, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
 
+    def matmul(self, x: jax.Array, contract: int) -> jax.Array:
+        """x (..., *kernel.shape[:contract]) -> (..., *kernel.shape[contract:]) as one (M, K) @ (K, N).
+
+        The contraction of the named einsum over the kernel's first `contract` axes, given to XLA as a
+        plain matrix product: with a kernel of rank 3 and one token (decoding at batch 1) XLA turned the
+        einsum into a multiply that wrote a weight-sized product to memory, then a reduction.
+        """
+        kernel = self.kernel[...].astype(self.dtype)
+        k = int(np.prod(kernel.shape[:contract]))
+        lead = x.shape[:x.ndim - contract]
+        y = jnp.einsum("MK,KN->MN", x.astype(self.dtype).reshape(-1, k), kernel.reshape(k, -1))
+        return y.reshape(*lead, *kernel.shape[contract:])
+
 
 class Embedding(nnx.Module):
     """Token embedding `embedding` (V, D), unscaled as in the checkpoint; also the tied output head."""

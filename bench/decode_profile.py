@@ -1,0 +1,249 @@
+"""Where a decode step's time goes: the decode loop on a synthetic prefilled cache, timed and traced.
+
+The state is what a prefill of --prompt-len tokens (left-padded to its bucket) leaves: random bf16 keys
+and values, the slot indices a prefill writes (ring slots on sliding layers), so only the decode program
+is compiled. For each compiler-option variant and batch: the loop's time per step (median of --repeats
+runs of --steps - 1 steps), and with --trace the GPU kernels of one run from a jax.profiler trace,
+summed per HLO op (`hlo_op` of each kernel) and written with the optimized HLO text, so each op can be
+looked up. Also the copy bandwidth (the roofline's denominator) and, with --sampling, the cost of
+`sampling.choose` alone on (B, V) logits.
+
+    python bench/decode_profile.py --out /tmp/profile --label after --trace      # on a GPU
+    python bench/decode_profile.py --tiny --out /tmp/profile --trace             # CPU, tiny config
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(BENCH), "tests"))
+sys.path.insert(0, BENCH)
+
+from common import hf_config, log  # noqa: E402
+from generation_gpu import copy_bandwidth, random_model, tree_bytes  # noqa: E402
+
+from theworld_jax import generation, sampling  # noqa: E402
+from theworld_jax.config.gemma3 import Gemma3Config  # noqa: E402
+from theworld_jax.modeling.gemma3 import Gemma3Model  # noqa: E402
+from theworld_jax.modeling.kv_cache import KVCache  # noqa: E402
+
+# XLA:GPU command buffers (CUDA graphs) for everything in the loop, the while loop itself included.
+VARIANTS = {
+    "plain": {},
+    "graph": {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,CONDITIONAL,WHILE",
+              "xla_gpu_graph_min_graph_size": 1},
+}
+
+
+def ring_indices(slots: int, length: int, pad: int) -> np.ndarray:
+    """(slots,) the sequence index a prefill of `length` tokens (the first `pad` padding) leaves in each slot."""
+    s = np.arange(slots)
+    if slots >= length:
+        index = s
+    else:
+        first = length - slots
+        index = first + (s - first) % slots
+    return np.where((index >= pad) & (index < length), index, -1).astype(np.int32)
+
+
+_draw = jax.jit(lambda key, shape: jax.random.normal(key, shape, jnp.bfloat16), static_argnums=1)
+
+
+def synthetic_state(cfg, batch: int, length: int, pad: int, capacity: int, seed: int) -> generation.DecodeState:
+    """A DecodeState as a prefill of `length` tokens (`pad` of them left padding) leaves it: random keys and
+    values, one small draw program per cache shape (one program for the whole state took minutes to compile)."""
+    empty = jax.eval_shape(lambda: KVCache.init(cfg, batch, length + capacity, dtype=jnp.bfloat16))
+    key = jax.random.key(seed)
+    layers = []
+    for i, layer in enumerate(empty.layers):
+        k1, k2 = jax.random.split(jax.random.fold_in(key, i))
+        index = np.broadcast_to(ring_indices(layer.index.shape[1], length, pad), layer.index.shape)
+        layers.append(type(layer)(k=_draw(k1, layer.k.shape), v=_draw(k2, layer.v.shape),
+                                  index=jnp.asarray(np.ascontiguousarray(index))))
+    cache = KVCache(layers=tuple(layers), prefilled=True)
+    last = np.random.default_rng(seed).integers(3, 1000, batch).astype(np.int32)
+    tokens = np.zeros((batch, capacity), np.int32)
+    tokens[:, 0] = last
+    return generation.DecodeState(
+        cache=cache, tokens=jnp.asarray(tokens), last=jnp.asarray(last),
+        position=jnp.full((batch,), length - pad, jnp.int32), done=jnp.zeros((batch,), bool), step=jnp.int32(1),
+        index=jnp.int32(length), key=jax.random.fold_in(key, 1001))
+
+
+def decode_program(graphdef, sampling_config, options: dict):
+    """The library's decode loop, jitted with `options` as XLA compiler options (state donated)."""
+    def run(params, state, limit, temperature, top_p, eos):
+        return generation._decode(graphdef, params, state, limit, temperature, top_p, eos,
+                                  sampling=sampling_config, pad_token_id=0)
+    return jax.jit(run, donate_argnums=1, compiler_options=options or None)
+
+
+def kernel_table(trace_dir: str) -> dict:
+    """Kernels of the GPU planes of a trace: per hlo_op total ns and count; the busy span."""
+    from jax.profiler import ProfileData
+
+    paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    data = ProfileData.from_file(paths[0])
+    ops, lines, starts, ends = collections.defaultdict(lambda: [0, 0]), {}, [], []
+    kernels_ns = 0
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            events = list(line.events)
+            lines[f"{plane.name}/{line.name}"] = [len(events), int(sum(e.duration_ns for e in events))]
+            if not line.name.startswith("Stream"):
+                continue
+            for e in events:
+                stats = dict(e.stats)
+                op = stats.get("hlo_op") or e.name
+                ops[op][0] += int(e.duration_ns)
+                ops[op][1] += 1
+                kernels_ns += int(e.duration_ns)
+                starts.append(e.start_ns)
+                ends.append(e.start_ns + e.duration_ns)
+    span = (max(ends) - min(starts)) if starts else 0
+    top = sorted(ops.items(), key=lambda kv: -kv[1][0])
+    return dict(lines=lines, kernels_ns=kernels_ns, span_ns=int(span), kernel_count=sum(v[1] for v in ops.values()),
+                ops={k: v for k, v in top})
+
+
+def time_decode(args, graphdef, params, cfg, batch: int, variant: str, out_dir: str) -> dict:
+    bucket = generation.BucketPolicy().length(args.prompt_len)
+    capacity = generation.BucketPolicy().length(args.steps)
+    make = lambda seed: synthetic_state(cfg, batch, bucket, bucket - args.prompt_len, capacity, seed)  # noqa: E731
+    config = sampling.SamplingConfig.make(vocab_limit=cfg.vocab_size, vocab_size=cfg.vocab_size)
+    program = decode_program(graphdef, config, VARIANTS[variant])
+    dyn = (jnp.int32(args.steps), jnp.float32(1.0), jnp.float32(1.0), jnp.full((8,), -1, jnp.int32))
+    state = jax.block_until_ready(make(0))
+    cache_bytes = tree_bytes(state.cache)
+    log(f"B={batch} {variant}: state ready ({cache_bytes / 1e9:.3f} GB of cache), compiling")
+    t0 = time.perf_counter()
+    compiled = program.lower(params, state, *dyn).compile()
+    compile_s = time.perf_counter() - t0
+    tag = f"{args.label}_{variant}_B{batch}"
+    with open(os.path.join(out_dir, f"hlo_{tag}.txt"), "w") as f:
+        f.write(compiled.as_text())
+    times = []
+    for r in range(args.repeats + 1):
+        state = jax.block_until_ready(make(r))
+        t0 = time.perf_counter()
+        result = compiled(params, state, *dyn)
+        steps = int(result.step)
+        times.append(time.perf_counter() - t0)
+        if steps != args.steps:
+            raise RuntimeError(f"the loop ran to step {steps}, expected {args.steps}")
+    step_s = statistics.median(times[1:]) / (args.steps - 1)
+    record = dict(batch=batch, variant=variant, label=args.label, compile_s=compile_s, first_s=times[0],
+                  runs_s=times[1:], step_s=step_s, cache_bytes=cache_bytes)
+    if args.trace:
+        state = jax.block_until_ready(make(99))
+        with tempfile.TemporaryDirectory() as trace_dir:
+            with jax.profiler.trace(trace_dir):
+                jax.block_until_ready(compiled(params, state, *dyn))
+            table = kernel_table(trace_dir)
+        with open(os.path.join(out_dir, f"kernels_{tag}.json"), "w") as f:
+            json.dump(table, f, indent=1)
+        n = args.steps - 1
+        record.update(kernels_per_step=table["kernel_count"] / n, kernel_ms_per_step=table["kernels_ns"] / n / 1e6,
+                      span_ms_per_step=table["span_ns"] / n / 1e6)
+    log(f"{tag}: {1e3 * step_s:.3f} ms/step (compile {compile_s:.1f} s)"
+        + (f", kernels {record['kernel_ms_per_step']:.3f} ms/step ({record['kernels_per_step']:.0f} per step), "
+           f"span {record['span_ms_per_step']:.3f}" if args.trace else ""))
+    return record
+
+
+def time_sampling(args, vocab: int) -> list[dict]:
+    """`sampling.choose` alone, 64 chained calls in one program, per call."""
+    settings = [("greedy", dict()), ("top_k=64 top_p=0.95", dict(do_sample=True, top_k=64, top_p=0.95)),
+                ("top_p=0.95", dict(do_sample=True, top_p=0.95)), ("top_k=50", dict(do_sample=True, top_k=50)),
+                ("plain sampling", dict(do_sample=True))]
+    out = []
+    for batch in args.batches:
+        logits = 3.0 * jax.random.normal(jax.random.key(0), (batch, vocab), jnp.float32)
+        for name, kw in settings:
+            config = sampling.SamplingConfig.make(vocab_limit=vocab, vocab_size=vocab, **kw)
+
+            @jax.jit
+            def chain(logits, key):
+                def body(i, carry):
+                    token, key = carry
+                    key, sub = jax.random.split(key)
+                    x = logits.at[:, 0].add(token.astype(jnp.float32) * 1e-9)  # a dependency on the last draw
+                    return sampling.choose(x, sub, config, jnp.float32(0.8), jnp.float32(0.95)), key
+                return jax.lax.fori_loop(0, 64, body, (jnp.zeros((batch,), jnp.int32), key))[0]
+
+            jax.block_until_ready(chain(logits, jax.random.key(1)))
+            runs = []
+            for r in range(3):
+                t0 = time.perf_counter()
+                jax.block_until_ready(chain(logits, jax.random.key(r)))
+                runs.append((time.perf_counter() - t0) / 64)
+            out.append(dict(batch=batch, setting=name, call_s=statistics.median(runs)))
+            log(f"sampling B={batch} {name}: {1e6 * out[-1]['call_s']:.1f} us per call")
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--label", default="run", help="a name for this code version in file names")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--prompt-len", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="tokens per row (the loop runs steps - 1)")
+    parser.add_argument("--batches", type=int, nargs="+", default=None)
+    parser.add_argument("--variants", nargs="+", default=["plain"], choices=sorted(VARIANTS))
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--trace", action="store_true", help="trace one run of each and sum its kernels")
+    parser.add_argument("--sampling", action="store_true", help="also time sampling.choose alone")
+    parser.add_argument("--bandwidth", action="store_true", help="also measure the copy bandwidth")
+    args = parser.parse_args(argv)
+    args.prompt_len = args.prompt_len or (48 if args.tiny else 4400)
+    args.steps = args.steps or (8 if args.tiny else 128)
+    args.batches = args.batches or ([1, 2] if args.tiny else [1, 8])
+    os.makedirs(args.out, exist_ok=True)
+
+    raw = hf_config(args.tiny).to_dict()
+    cfg = Gemma3Config.from_dict(raw)
+    log(f"building the Gemma 3 decoder (bfloat16) on {jax.devices()[0]}")
+    model = random_model(lambda: Gemma3Model(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), 0, 0.02)
+    graphdef, params = nnx.split(model)
+    jax.block_until_ready(params)
+    log("built")
+    report = dict(label=args.label, device=jax.devices()[0].device_kind, jax=jax.__version__,
+                  prompt_len=args.prompt_len, steps=args.steps, repeats=args.repeats,
+                  weight_bytes=tree_bytes(nnx.state(model.language_model, nnx.Param)), decode=[])
+    if args.bandwidth:
+        report["copy_bandwidth"] = copy_bandwidth(args.tiny)
+        log(f"copy bandwidth {report['copy_bandwidth']['bytes_per_s'] / 1e12:.3f} TB/s")
+    for variant in args.variants:
+        for batch in args.batches:
+            report["decode"].append(time_decode(args, graphdef, params, cfg.text, batch, variant, args.out))
+    if args.sampling:
+        report["sampling"] = time_sampling(args, cfg.text.vocab_size)
+    with open(os.path.join(args.out, f"profile_{args.label}.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    for r in report["decode"]:
+        print(f"{args.label:8s} {r['variant']:6s} B={r['batch']:<3d} {1e3 * r['step_s']:.3f} ms/step"
+              + (f"  kernels {r['kernel_ms_per_step']:.3f} ms ({r['kernels_per_step']:.0f})" if args.trace else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
