@@ -48,6 +48,8 @@ VARIANTS = {
     "plain": {},
     "graph": {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,CONDITIONAL,WHILE",
               "xla_gpu_graph_min_graph_size": 1},
+    "graph_body": {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL",
+                   "xla_gpu_graph_min_graph_size": 1},  # graphs for the loop body's kernels, the loop on the host
 }
 
 
@@ -213,6 +215,8 @@ def main(argv=None) -> int:
     parser.add_argument("--trace", action="store_true", help="trace one run of each and sum its kernels")
     parser.add_argument("--sampling", action="store_true", help="also time sampling.choose alone")
     parser.add_argument("--bandwidth", action="store_true", help="also measure the copy bandwidth")
+    parser.add_argument("--budget-s", type=float, default=240.0,
+                        help="start no new (variant, batch) after this many seconds of decode work")
     args = parser.parse_args(argv)
     args.prompt_len = args.prompt_len or (48 if args.tiny else 4400)
     args.steps = args.steps or (8 if args.tiny else 128)
@@ -232,9 +236,19 @@ def main(argv=None) -> int:
     if args.bandwidth:
         report["copy_bandwidth"] = copy_bandwidth(args.tiny)
         log(f"copy bandwidth {report['copy_bandwidth']['bytes_per_s'] / 1e12:.3f} TB/s")
+    started = time.perf_counter()
     for variant in args.variants:
         for batch in args.batches:
-            report["decode"].append(time_decode(args, graphdef, params, cfg.text, batch, variant, args.out))
+            if time.perf_counter() - started > args.budget_s:
+                log(f"skipping {variant} B={batch}: past --budget-s {args.budget_s}")
+                continue
+            try:
+                report["decode"].append(time_decode(args, graphdef, params, cfg.text, batch, variant, args.out))
+            except Exception as e:  # a variant the compiler rejects must not lose the others
+                log(f"{variant} B={batch} failed: {type(e).__name__}: {str(e)[:300]}")
+                report.setdefault("failed", []).append(dict(variant=variant, batch=batch, error=str(e)[:2000]))
+            with open(os.path.join(args.out, f"profile_{args.label}.json"), "w") as f:
+                json.dump(report, f, indent=1)
     if args.sampling:
         report["sampling"] = time_sampling(args, cfg.text.vocab_size)
     with open(os.path.join(args.out, f"profile_{args.label}.json"), "w") as f:
