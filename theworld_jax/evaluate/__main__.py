@@ -1,0 +1,5 @@
+import sys
+
+from theworld_jax.evaluate import main
+
+sys.exit(main())
