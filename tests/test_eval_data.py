@@ -154,7 +154,8 @@ def test_spatial_rgpt_bench_converter_regions_as_in_training(tmp_path):
 
 
 class FakeWorld:
-    """Stands in for TheWorld: records what generate got, answers the prompt ids' last token."""
+    """Stands in for TheWorld: records what generate got; returns the prompt (with two marker tokens "y" when
+    given images, as the world branch injects) and the answer "x"."""
 
     def __init__(self, processor, enable_world=True):
         self.processor = processor
@@ -165,9 +166,10 @@ class FakeWorld:
                  max_new_tokens=4):
         self.calls.append({"images": images, "pixel_values": None if pixel_values is None else pixel_values.shape,
                            "left_padded": bool((attention_mask[:, -1] == 1).all())})
-        injected = 2 if images is not None else 0
-        new = np.tile(np.asarray(self.processor.tokenizer.convert_tokens_to_ids(["x"])), (len(input_ids), 1))
-        return np.concatenate([input_ids, np.zeros((len(input_ids), injected), int), new], axis=1)
+        x, y = self.processor.tokenizer.convert_tokens_to_ids(["x", "y"])
+        rows = len(input_ids)
+        markers = np.full((rows, 2 if images is not None else 0), y)  # world markers go in after <bos>
+        return np.concatenate([input_ids[:, :1], markers, input_ids[:, 1:], np.full((rows, 1), x)], axis=1)
 
 
 def test_generator_gives_the_first_image_to_the_world_branch():

@@ -150,6 +150,8 @@ def test_arguments_checked_before_any_model_load(setup, tmp_path, monkeypatch):
          "no data file"),
         (["--model", str(setup / "world_a"), "--data", data, "--out", str(tmp_path / "o3"), "--batch-size", "0"],
          "--batch-size must be a positive integer"),
+        (["--model", str(setup / "world_a"), "--data", data, "--out", str(tmp_path / "o5"), "--mesh", "1,2"],
+         "--mesh must be DATA,FSDP,TENSOR"),
     ]
     for argv, message in bad_calls:
         with pytest.raises(SystemExit, match=message):

@@ -2,6 +2,7 @@
 
     python -m theworld_jax.evaluate --model DIR --data FILE --out DIR [--baseline DIR | --no-world-baseline]
         [--batch-size N] [--max-new-tokens N] [--judge DIR] [--cosmos VAE_DIR] [--dtype bfloat16] [--limit N]
+        [--mesh DATA,FSDP,TENSOR]
 
 OUT/<name>/predictions.jsonl and OUT/<name>/report.json for each model (name: model, baseline or
 no_world), OUT/report.md and OUT/accuracy.png for all of them. `--no-world-baseline` runs the same
@@ -38,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cosmos", help="the Cosmos VAE for a plain Gemma 3 --model / --baseline")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--limit", type=int, help="only the first N rows")
+    p.add_argument("--mesh", help="DATA,FSDP,TENSOR: place the model on a mesh of all devices (one may be -1)")
     return p.parse_args(argv)
 
 
@@ -89,7 +91,21 @@ def _load(path: str, args, *, text_only: bool = False):
         settings["enable_world"] = False
     elif args.cosmos:
         settings["cosmos_model_name"] = args.cosmos
+    if args.mesh:
+        from theworld_jax.sharding import make_mesh
+
+        settings["mesh"] = make_mesh(*_mesh_sizes(args.mesh))
     return TheWorld.from_pretrained(path, dtype=getattr(jnp, args.dtype), **settings)
+
+
+def _mesh_sizes(text: str) -> tuple[int, int, int]:
+    try:
+        sizes = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3 or any(v == 0 or v < -1 for v in sizes):
+        raise SystemExit(f"error: --mesh must be DATA,FSDP,TENSOR (positive sizes, one may be -1), got {text!r}")
+    return sizes
 
 
 def main(argv=None) -> int:
@@ -100,6 +116,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"error: {flag} must be a positive integer, got {value}")
     for flag in ("model", "baseline", "judge", "cosmos"):
         _check_checkpoint(f"--{flag}", getattr(args, flag))
+    if args.mesh:
+        _mesh_sizes(args.mesh)
     from theworld_jax.evaluate import plot, report, runner
     from theworld_jax.evaluate.data import load_items
 

@@ -81,8 +81,9 @@ class Generator:
         enc = {k: enc[k] for k in ("input_ids", "attention_mask", "pixel_values", "token_type_ids") if k in enc}
         world_images = [row[0] for row in images] if self.world and images else None
         out = np.asarray(self.model.generate(**enc, images=world_images, max_new_tokens=self.max_new_tokens))
-        # generate returns the prompt (plus <start_of_world><end_of_world> when it injected them) + new tokens
-        start = enc["input_ids"].shape[1] + (2 if world_images is not None else 0)
+        # generate returns the prompt (with <start_of_world><end_of_world> when it injected them) + new tokens
+        ids = np.asarray(enc["input_ids"])
+        start = ids.shape[1] if np.array_equal(out[:, :ids.shape[1]], ids) else ids.shape[1] + 2
         return [s.strip() for s in processor.batch_decode(out[:, start:], skip_special_tokens=True)]
 
 
