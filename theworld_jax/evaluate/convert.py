@@ -131,7 +131,10 @@ def _as_dict(value) -> dict:
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            value = ast.literal_eval(value)
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                return {}
     return value if isinstance(value, dict) else {}
 
 
