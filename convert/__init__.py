@@ -1,1 +1,1 @@
-"""The weight-conversion command line: python -m convert --help."""
+"""`python -m convert` (the repository root's shim of theworld_jax.convert, installed as theworld-convert)."""

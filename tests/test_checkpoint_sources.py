@@ -40,7 +40,7 @@ def test_failed_save_leaves_the_old_directory_untouched(tmp_path):
     target.mkdir()
     (target / "keep.txt").write_text("old")
     with pytest.raises(RuntimeError):
-        with atomic_directory(str(target)) as tmp:
+        with atomic_directory(str(target), overwrite=True) as tmp:
             (open(os.path.join(tmp, "half.txt"), "w")).close()
             raise RuntimeError("disk full")
     assert sorted(os.listdir(target)) == ["keep.txt"]

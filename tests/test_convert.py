@@ -7,7 +7,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 import theworld_reference as ref
-from convert.__main__ import main
+from theworld_jax.convert import main
 from theworld_jax import CosmosVAE, TheWorld
 from tiny_gemma import build_processor, build_tiny_gemma3, save_tiny_gemma3
 from tiny_vae import make_tiny_vae
@@ -49,15 +49,15 @@ def test_gemma3_converts_to_the_same_params(sources):
 
 def test_cosmos_vae_converts_and_loads_back(sources):
     out = str(sources / "vae_orbax")
-    main(["cosmos-vae", "--src", str(sources / "vae"), "--dst", out])
+    assert main(["cosmos-vae", "--src", str(sources / "vae"), "--dst", out]) == 0
     assert_same_params(CosmosVAE.from_pretrained(out), CosmosVAE.from_pretrained(str(sources / "vae")))
 
 
 def test_upstream_projector_survives_convert_and_export(sources):
     out, back = str(sources / "theworld_orbax"), str(sources / "exported")
-    main(["theworld", "--gemma", str(sources / "gemma"), "--cosmos", str(sources / "vae"),
-          "--projection", str(sources / "upstream"), "--dst", out, "--dtype", "float32"])
-    main(["export", "--src", out, "--dst", back])
+    assert main(["theworld", "--gemma", str(sources / "gemma"), "--cosmos", str(sources / "vae"),
+          "--projection", str(sources / "upstream"), "--dst", out, "--dtype", "float32"]) == 0
+    assert main(["export", "--src", out, "--dst", back]) == 0
     original, exported = load_file(str(sources / "upstream" / "model.safetensors")), load_file(back + "/model.safetensors")
     assert sorted(original) == sorted(exported)
     for key in original:
@@ -66,8 +66,9 @@ def test_upstream_projector_survives_convert_and_export(sources):
                                     cosmos_model_name=str(sources / "vae")).config.vae_input_range == "zero_255"
 
 
-def test_export_of_a_model_without_world_is_refused(sources):
+def test_export_of_a_model_without_world_is_refused(sources, capsys):
     out = str(sources / "gemma_only")
-    main(["gemma3", "--src", str(sources / "gemma"), "--dst", out])
-    with pytest.raises(SystemExit, match="no world branch"):
-        main(["export", "--src", out, "--dst", str(sources / "nothing")])
+    assert main(["gemma3", "--src", str(sources / "gemma"), "--dst", out]) == 0
+    assert main(["export", "--src", out, "--dst", str(sources / "nothing")]) == 1
+    assert "no world branch" in capsys.readouterr().err
+    assert not (sources / "nothing").exists()

@@ -1,4 +1,4 @@
-"""Orbax save and restore of model parameters, and atomic checkpoint directories.
+"""Orbax save and restore of model parameters (written into directories made by io_safety.atomic_directory).
 
 Parameters are saved as a flat {param path: array} tree. Restoring takes the abstract model (from
 nnx.eval_shape, optionally with shardings) and reads every array straight onto its target dtype and
@@ -7,42 +7,17 @@ sharding, never through a full host copy.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from theworld_jax.io_safety import atomic_directory  # noqa: F401  (re-exported: where writers used to find it)
 from theworld_jax.weights.loader import abstract_params, param_path
 from theworld_jax.weights.safetensors_io import CheckpointError
 
 PARAMS_DIR = "params"
-
-
-@contextlib.contextmanager
-def atomic_directory(target: str) -> Iterator[str]:
-    """Yield a temporary sibling of `target`; on success it replaces `target`, on error it is removed."""
-    target = os.path.abspath(target)
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    backup = None
-    if os.path.exists(target):
-        backup = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
-        os.rmdir(backup)
-        os.replace(target, backup)
-    os.replace(tmp, target)
-    if backup:
-        shutil.rmtree(backup, ignore_errors=True)
 
 
 def save_params(model: nnx.Module, directory: str) -> None:
@@ -66,9 +41,16 @@ def restore_params(abstract_model: nnx.Module, directory: str,
     abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings.get(k) or v.sharding or default)
                 for k, v in targets.items()}
     with ocp.StandardCheckpointer() as checkpointer:
-        stored = checkpointer.metadata(path)
+        try:
+            stored = checkpointer.metadata(path)
+        except Exception as err:
+            raise CheckpointError(f"{path}: unreadable Orbax checkpoint metadata ({_first_line(err)}); the "
+                                  "checkpoint is incomplete or corrupt, write it again") from err
         stored_tree = getattr(stored, "item_metadata", stored)
         stored_tree = getattr(stored_tree, "tree", stored_tree)
+        if not isinstance(stored_tree, dict):
+            raise CheckpointError(f"{path}: not a TheWorld-JAX parameter checkpoint (no parameter tree in its "
+                                  "metadata); it is incomplete or corrupt, write it again")
         missing = sorted(set(abstract) - set(stored_tree))
         unexpected = sorted(set(stored_tree) - set(abstract))
         if missing or unexpected:
@@ -79,9 +61,21 @@ def restore_params(abstract_model: nnx.Module, directory: str,
                 raise CheckpointError(
                     f"parameter {key!r} has shape {tuple(meta.shape)} in the checkpoint, the model expects "
                     f"{tuple(abstract[key].shape)}")
-        restored = checkpointer.restore(path, abstract)
+        try:
+            restored = checkpointer.restore(path, abstract)
+        except Exception as err:
+            raise CheckpointError(f"{path}: cannot read the Orbax checkpoint's arrays ({_first_line(err)}); "
+                                  "it is truncated or corrupt, write it again") from err
     graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
     flat = nnx.to_flat_state(params)
     for p, var in flat:
         var.set_value(restored[param_path(p)])
     return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of the root cause's message, shortened (TensorStore errors run to pages)."""
+    while (err.__cause__ or err.__context__) is not None:
+        err = err.__cause__ or err.__context__
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -14,7 +14,8 @@ import numpy as np
 from flax import nnx
 
 from theworld_jax import sharding, sources
-from theworld_jax.checkpoint import atomic_directory, restore_params, save_params
+from theworld_jax.checkpoint import restore_params, save_params
+from theworld_jax.io_safety import atomic_directory
 from theworld_jax.config.gemma3 import Gemma3Config
 from theworld_jax.config.theworld import TheWorldConfig
 from theworld_jax.config.wan_vae import WanVAEConfig
@@ -37,7 +38,8 @@ class TheWorld:
     """
 
     def __init__(self, model: TheWorldModel, config: TheWorldConfig, gemma_config: Gemma3Config,
-                 vae_config: WanVAEConfig | None, processor=None, *, raw_configs: dict[str, dict], mesh=None):
+                 vae_config: WanVAEConfig | None, processor=None, *, raw_configs: dict[str, dict], mesh=None,
+                 sources: tuple[str, ...] = ()):
         self.model = model
         self.mesh = mesh
         self.config = config
@@ -46,6 +48,7 @@ class TheWorld:
         self.processor = processor
         self._raw_configs = raw_configs
         self.input_spec = InputSpec(gemma_config, config, vae_config, dtype=model.gemma.dtype)
+        self.sources = tuple(sources)  # the local directories read: save_pretrained never replaces them
         self._graphdef, self._state = nnx.split(model)
 
     # ------------------------------------------------------------------ loading
@@ -114,7 +117,9 @@ class TheWorld:
             vae = sharding.shard_module(vae, mesh, prefix="vae.")
             projector = sharding.shard_module(projector, mesh, prefix="world_projector.")
         model = TheWorldModel(config, gemma, vae, projector)
-        return cls(model, config, gemma_config, vae_config, processor, raw_configs=raw, mesh=mesh)
+        read_from = (gemma_dir, projector_ckpt, config.cosmos_model_name if vae is not None else None)
+        return cls(model, config, gemma_config, vae_config, processor, raw_configs=raw, mesh=mesh,
+                   sources=tuple(s for s in read_from if s is not None))
 
     @classmethod
     def _from_upstream(cls, directory: str, *, dtype, overrides: dict, mesh=None) -> TheWorld:
@@ -140,11 +145,16 @@ class TheWorld:
         shardings = None if mesh is None else sharding.param_shardings(abstract_params(abstract), mesh)
         model = restore_params(abstract, directory, shardings=shardings)
         processor = load_processor(directory)
-        return cls(model, config, gemma_config, vae_config, processor, raw_configs=raw, mesh=mesh)
+        return cls(model, config, gemma_config, vae_config, processor, raw_configs=raw, mesh=mesh,
+                   sources=(directory,))
 
-    def save_pretrained(self, directory: str) -> None:
-        """Write an Orbax checkpoint loadable by `TheWorld.from_pretrained(directory)` (atomically)."""
-        with atomic_directory(directory) as tmp:
+    def save_pretrained(self, directory: str, *, overwrite: bool = False) -> None:
+        """Write an Orbax checkpoint loadable by `TheWorld.from_pretrained(directory)`, atomically.
+
+        An existing file or non-empty directory is replaced only with `overwrite=True`, and never one the
+        model was read from (nor the current directory): the rules of theworld_jax.io_safety.
+        """
+        with atomic_directory(directory, overwrite=overwrite, sources=self.sources) as tmp:
             self.config.to_json_file(os.path.join(tmp, "config.json"))
             for name, raw in self._raw_configs.items():
                 with open(os.path.join(tmp, name), "w") as f:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 INDEX_SUFFIX = ".safetensors.index.json"
 
@@ -32,9 +32,19 @@ def find_safetensors(directory: str, prefix: str = "") -> list[str]:
     names = sorted(os.listdir(directory))
     indexes = [n for n in names if n.endswith(INDEX_SUFFIX) and n.startswith(prefix)]
     if indexes:
-        with open(os.path.join(directory, indexes[0])) as f:
-            weight_map = json.load(f)["weight_map"]
-        return [os.path.join(directory, s) for s in sorted(set(weight_map.values()))]
+        index = os.path.join(directory, indexes[0])
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{index}: not valid JSON ({err}); the index is truncated or corrupt") from None
+        except (KeyError, TypeError):
+            raise CheckpointError(f"{index}: has no \"weight_map\" object") from None
+        shards = [os.path.join(directory, s) for s in sorted(set(weight_map.values()))]
+        missing = [s for s in shards if not os.path.isfile(s)]
+        if missing:
+            raise FileNotFoundError(f"{index} names shard {missing[0]!r}, which does not exist")
+        return shards
     files = [n for n in names if n.endswith(".safetensors") and n.startswith(prefix)]
     if not files:
         pickles = [n for n in names if n.endswith((".bin", ".pth", ".pt"))]
@@ -53,14 +63,20 @@ class SafetensorsReader:
         self._files = list(files)
         self._stack = ExitStack()
         self._where: dict[str, object] = {}
+        self._paths: dict[str, str] = {}
 
     def __enter__(self) -> SafetensorsReader:
-        for path in self._files:
-            handle = self._stack.enter_context(safe_open(path, framework="numpy"))
-            for key in handle.keys():
-                if key in self._where:
-                    raise CheckpointError(f"tensor {key!r} appears in more than one shard")
-                self._where[key] = handle
+        try:
+            for path in self._files:
+                handle = self._stack.enter_context(_open(path))
+                for key in handle.keys():
+                    if key in self._where:
+                        raise CheckpointError(f"tensor {key!r} appears in more than one shard ({path})")
+                    self._where[key] = handle
+                    self._paths[key] = path
+        except BaseException:
+            self._stack.close()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -77,7 +93,11 @@ class SafetensorsReader:
         return tuple(self._handle(key).get_slice(key).get_shape())
 
     def get(self, key: str) -> np.ndarray:
-        return self._handle(key).get_tensor(key)
+        handle = self._handle(key)
+        try:
+            return handle.get_tensor(key)
+        except SafetensorError as err:
+            raise CheckpointError(f"{self._paths[key]}: cannot read tensor {key!r} ({err})") from None
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         for key in self._where:
@@ -88,3 +108,15 @@ class SafetensorsReader:
             return self._where[key]
         except KeyError:
             raise CheckpointError(f"tensor {key!r} is missing from the checkpoint") from None
+
+
+def _open(path: str):
+    """safe_open, with errors that name the file and say what is wrong with it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"safetensors file {path!r} does not exist")
+    try:
+        return safe_open(path, framework="numpy")
+    except SafetensorError as err:
+        size = os.path.getsize(path)
+        raise CheckpointError(f"{path}: not a readable safetensors file ({size} bytes; {err}); it is truncated "
+                              "or corrupt, download or write it again") from None
