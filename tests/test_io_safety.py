@@ -171,3 +171,19 @@ def test_termination_signals_remove_the_temporary(tmp_path, sig):
     proc.send_signal(sig)
     assert proc.wait(timeout=30) != 0
     assert os.listdir(tmp_path) == ["out"] and tree(target) == ["keep.txt"]
+
+
+def test_make_output_dir_creates_resumes_and_protects(tmp_path, monkeypatch):
+    from theworld_jax.io_safety import make_output_dir
+
+    run = tmp_path / "run"
+    assert make_output_dir(str(run)) == str(run) and run.is_dir()
+    (run / "metrics.jsonl").write_text("{}")
+    with pytest.raises(UnsafeTargetError, match="not empty"):
+        make_output_dir(str(run))
+    assert make_output_dir(str(run), resume=True) == str(run) and (run / "metrics.jsonl").exists()
+    monkeypatch.chdir(run)
+    with pytest.raises(UnsafeTargetError, match="current directory"):
+        make_output_dir(".", resume=True)
+    with pytest.raises(UnsafeTargetError, match="holds the source"):
+        make_output_dir(str(tmp_path), resume=True, sources=[str(run)])

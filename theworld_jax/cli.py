@@ -19,6 +19,9 @@ from collections.abc import Callable
 
 from theworld_jax import progress
 
+# transformers' advice "PyTorch was not found..." is noise here: the commands never use torch.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
 
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line: `PROG: error: MESSAGE (see PROG --help)`."""

@@ -15,8 +15,7 @@ from collections.abc import Callable, Mapping
 import jax
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
-
+from theworld_jax import progress
 from theworld_jax.weights.safetensors_io import CheckpointError, SafetensorsReader
 
 
@@ -83,7 +82,7 @@ def load_params(
         raise CheckpointError(f"the key map has no source for parameters {unmapped[:5]}")
     used: set[str] = set()
     loaded: dict[str, jax.Array] = {}
-    for path, target in tqdm(targets.items(), desc=desc, leave=False, disable=None):
+    for path, target in progress.bar(targets.items(), desc=desc, total=len(targets)):
         source = key_map[path]
         tensors = []
         for name in source.keys:

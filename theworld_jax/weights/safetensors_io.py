@@ -82,6 +82,7 @@ class SafetensorsReader:
     def __exit__(self, *exc) -> None:
         self._stack.close()
         self._where.clear()
+        self._paths.clear()
 
     def keys(self) -> list[str]:
         return list(self._where)
