@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from theworld_jax import progress
 from theworld_jax.attention import make_attention_mask, make_decode_mask
 from theworld_jax.inputs import Batch
 from theworld_jax.modeling.kv_cache import KVCache
@@ -93,6 +94,9 @@ def _prefill(graphdef, params, batch: dict, key, temperature, top_p, eos, *, sam
                        step=jnp.int32(1), index=jnp.int32(length), key=key)
 
 
+progress.announce_compiles(_prefill, "the prefill")
+
+
 @partial(jax.jit, static_argnames=("graphdef", "sampling", "pad_token_id"), donate_argnames=("state",))
 def _decode(graphdef, params, state: DecodeState, limit, temperature, top_p, eos, *, sampling: SamplingConfig,
             pad_token_id: int) -> DecodeState:
@@ -116,6 +120,9 @@ def _decode(graphdef, params, state: DecodeState, limit, temperature, top_p, eos
                            step=s.step + 1, index=s.index + 1, key=key)
 
     return jax.lax.while_loop(running, step, state)
+
+
+progress.announce_compiles(_decode, "the decode loop")
 
 
 def _left_pad(x: np.ndarray | None, length: int, value: int) -> np.ndarray | None:

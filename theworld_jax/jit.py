@@ -17,6 +17,8 @@ from typing import Any, Callable
 import jax
 from flax import nnx
 
+from theworld_jax import progress
+
 _BOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -50,4 +52,5 @@ def _jit(graphdef, paths: tuple, fn, static_argnames: tuple, donate_argnames: tu
     def run(values, *args, **kwargs):
         return fn(nnx.merge(graphdef, nnx.from_flat_state(list(zip(paths, values)))), *args, **kwargs)
 
+    progress.announce_compiles(fn.__name__, fn.__name__.strip("_").replace("_", " "))
     return jax.jit(run, static_argnames=static_argnames, donate_argnames=donate_argnames)

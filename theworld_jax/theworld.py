@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from theworld_jax import sharding, sources
+from theworld_jax import progress, sharding, sources
 from theworld_jax.checkpoint import restore_params, save_params
 from theworld_jax.io_safety import atomic_directory
 from theworld_jax.config.gemma3 import Gemma3Config
@@ -218,3 +218,6 @@ class TheWorld:
 @partial(jax.jit, static_argnums=0)
 def _forward_jit(graphdef, state, batch: Batch) -> ForwardOutput:
     return nnx.merge(graphdef, state).forward(**batch.model_inputs())
+
+
+progress.announce_compiles(_forward_jit, "the forward pass")
