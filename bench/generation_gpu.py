@@ -207,7 +207,7 @@ def run_jax(args, config) -> dict:
         log(f"  prefill {1e3 * prefill:.1f} ms, decode {1e3 * step:.2f} ms/step ({b / step:.1f} tok/s), "
             f"roofline {1e3 * floor:.2f} ms/step")
         del decodings
-    sampled = {} if not args.sampling else run_sampling(args, model, cfg, kw, out)
+    sampled = {} if not args.sampling else run_sampling(args, model, spec, kw, out)
     world = None if args.skip_world else run_world(args, model, cfg)
     stats = device.memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
@@ -216,15 +216,16 @@ def run_jax(args, config) -> dict:
                 jax_version=jax.__version__)
 
 
-def run_sampling(args, model, cfg, kw: dict, greedy: dict) -> dict:
+def run_sampling(args, model, spec, kw: dict, greedy: dict) -> dict:
     """Decode ms/step at batch 1 with sampling on, against the greedy step of the same run."""
     from theworld_jax import generation
+    from theworld_jax.inputs import prepare_batch
 
-    ids = prompt_ids(1, args.prompt_len, cfg.text.bos_token_id, args.tiny, args.seed)
+    batch = prepare_batch(spec, prompt_ids(1, args.prompt_len, spec.gemma.text.bos_token_id, args.tiny, args.seed))
     out = {}
     for name, extra in (("top_k=64 top_p=0.95", dict(top_k=64, top_p=0.95)), ("top_p=0.95", dict(top_p=0.95))):
         sample_kw = dict(kw, do_sample=True, temperature=1.0, **extra)
-        decodings = [generation.start(model, ids, **sample_kw) for _ in range(args.repeats + 1)]
+        decodings = [generation.start(model, batch, **sample_kw) for _ in range(args.repeats + 1)]
         log(f"theworld_jax B=1 sampling {name}: decode {args.new_tokens - 1} steps")
         first, decode, times = timed(lambda: _advance_all(decodings.pop()), args.repeats)
         step = decode / (args.new_tokens - 1)
