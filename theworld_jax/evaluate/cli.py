@@ -85,8 +85,10 @@ def _load(path: str, args, *, text_only: bool = False):
 
     settings = {}
     config_path = os.path.join(path, "config.json")
-    plain_gemma = os.path.isfile(config_path) and json.load(open(config_path)).get("model_type") in (
-        "gemma3", "gemma3_text")
+    plain_gemma = False
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            plain_gemma = json.load(f).get("model_type") in ("gemma3", "gemma3_text")
     if plain_gemma and (text_only or not args.cosmos):
         settings["enable_world"] = False
     elif args.cosmos:
