@@ -59,23 +59,30 @@ def _models(args) -> dict:
     return models
 
 
-def prepare_out(out: str, settings: dict) -> None:
-    """Create OUT (or accept an earlier run of the same settings); never touch a directory of other files."""
+def prepare_out(out: str, settings: dict, sources: list[str]) -> None:
+    """Create OUT (or accept an earlier run of the same settings) through io_safety.make_output_dir; never
+    touch a directory of other files, a source, or the current directory."""
+    from theworld_jax.io_safety import UnsafeTargetError, make_output_dir
+
     marker = os.path.join(out, MARKER)
     if os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"error: --out {out!r} is a file")
+    ours = os.path.isfile(marker)
     if os.path.isdir(out) and os.listdir(out):
-        if not os.path.isfile(marker):
+        if not ours:
             raise SystemExit(f"error: --out {out!r} is not empty and was not made by this tool; pick a new one")
         with open(marker) as f:
             before = json.load(f)
         if before != settings:
             changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
             raise SystemExit(f"error: --out {out!r} holds a run with other {changed}; pick a new --out")
-        return
-    os.makedirs(out, exist_ok=True)
-    with open(marker, "w") as f:
-        json.dump(settings, f, indent=2)
+    try:
+        make_output_dir(out, resume=ours, sources=sources, what="--out")
+    except UnsafeTargetError as e:
+        raise SystemExit(f"error: {e}") from e
+    if not ours:
+        with open(marker, "w") as f:
+            json.dump(settings, f, indent=2)
 
 
 def _load(path: str, args, *, text_only: bool = False):
@@ -133,7 +140,7 @@ def main(argv=None) -> int:
     models = _models(args)
     settings = {"data": os.path.abspath(args.data), "limit": args.limit, "models": models,
                 "max_new_tokens": max_new, "judge": args.judge, "cosmos": args.cosmos, "dtype": args.dtype}
-    prepare_out(args.out, settings)
+    prepare_out(args.out, settings, [args.data, args.model, args.baseline, args.judge, args.cosmos])
 
     logs, infos, loaded = {}, {}, {}
     for name, spec in models.items():
