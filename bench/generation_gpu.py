@@ -184,7 +184,7 @@ def run_jax(args, config) -> dict:
     bandwidth = copy_bandwidth(args.tiny)
     log(f"copy bandwidth {bandwidth['bytes_per_s'] / 1e12:.3f} TB/s")
     weight_bytes = tree_bytes(nnx.state(model.language_model, nnx.Param))
-    kw = dict(max_new_tokens=args.new_tokens, eos_token_id=(), split=nnx.split(model))
+    kw = dict(max_new_tokens=args.new_tokens, eos_token_id=())
     spec = InputSpec(cfg, dtype=jnp.bfloat16)
     out = {}
     for b in args.batches:
@@ -287,7 +287,7 @@ def run_world(args, model, cfg) -> dict:
     batch = Batch(ids.astype(np.int32), np.ones_like(ids, np.int32), types,
                   pixel_values=jnp.asarray(pixels, jnp.bfloat16), video=jnp.asarray(video, jnp.bfloat16),
                   world_tokens=n_world)
-    kw = dict(max_new_tokens=args.new_tokens, eos_token_id=(), split=nnx.split(world_model))
+    kw = dict(max_new_tokens=args.new_tokens, eos_token_id=())
     log(f"theworld_jax fused prefill: {ids.shape[1]} ids + {n_world} world tokens")
     first, prefill, times = timed(lambda: generation.start(world_model, batch, **kw), args.repeats)
     log(f"  fused prefill {1e3 * prefill:.1f} ms")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from theworld_jax.config.gemma3 import ConfigError
+from theworld_jax.config import ConfigError
 from theworld_jax.config.wan_vae import WanVAEConfig
 from theworld_jax.modeling.cosmos_vae import CosmosVAE
 from theworld_jax.weights.safetensors_io import CheckpointError

@@ -11,7 +11,7 @@ import transformers
 from flax import nnx
 from safetensors.numpy import save_file
 
-from theworld_jax.config.gemma3 import ConfigError
+from theworld_jax.config import ConfigError
 from theworld_jax.weights.gemma3_keys import Prefixes, checkpoint_prefixes, load_gemma3
 from theworld_jax.weights.safetensors_io import CheckpointError
 from tiny_gemma import build_tiny_gemma3, layout_state_dict, save_tiny_gemma3, tiny_gemma3_config

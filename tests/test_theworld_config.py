@@ -5,8 +5,8 @@ import json
 import pytest
 from transformers import Gemma3Config as HFGemma3Config
 
-from theworld_jax.config.gemma3 import ConfigError
-from theworld_jax.config.theworld import TheWorldConfig
+from theworld_jax.config import (ConfigError, Gemma3Config, ProjectionMode, TheWorldConfig, VaeInputRange,
+                                 WanVAEConfig)
 
 
 def test_round_trip_through_json(tmp_path):
@@ -97,3 +97,33 @@ def test_same_sow_and_eow_is_rejected():
     with pytest.raises(ConfigError, match="must differ"):
         TheWorldConfig(sow_token_id=7, eow_token_id=7)
 
+
+
+@pytest.mark.parametrize("config_class", [TheWorldConfig, Gemma3Config, WanVAEConfig])
+def test_broken_config_json_is_one_line_naming_the_file(tmp_path, config_class):
+    path = tmp_path / "config.json"
+    path.write_text('{"model_type": "theworld_jax",\n "enable_world": tru}')
+    with pytest.raises(ConfigError) as err:
+        config_class.from_json_file(str(tmp_path))
+    assert str(err.value) == f"{path}: not valid JSON: Expecting value (line 2, column 18)"
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=rf"^{path}: expected a JSON object"):
+        config_class.from_json_file(str(path))
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        config_class.from_json_file(str(tmp_path / "missing.json"))
+
+
+def test_bad_field_error_names_the_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "theworld_jax", "world_attention": "full"}))
+    with pytest.raises(ConfigError) as err:
+        TheWorldConfig.from_json_file(str(path))
+    assert str(err.value) == f"{path}: world_attention='full' is not supported; expected one of " \
+                             "['causal', 'bidirectional']"
+
+
+def test_modes_are_enums_equal_to_their_strings():
+    config = TheWorldConfig(world_projection_mode="channel", vae_input_range="zero_255")
+    assert config.world_projection_mode is ProjectionMode.CHANNEL and config.world_projection_mode == "channel"
+    assert config.vae_input_range is VaeInputRange.ZERO_255
+    assert json.loads(json.dumps(config.to_dict()))["world_projection_mode"] == "channel"

@@ -9,7 +9,7 @@ import torch
 from flax import nnx
 from safetensors.numpy import save_file
 
-from theworld_jax.config.gemma3 import ConfigError
+from theworld_jax.config import ConfigError
 from theworld_jax.config.theworld import TheWorldConfig
 from theworld_jax.config.wan_vae import WanVAEConfig
 from theworld_jax.modeling.world_projector import (WorldProjector, latents_to_tokens, num_world_tokens,

@@ -18,7 +18,7 @@ import os
 import sys
 
 from theworld_jax import cli, progress
-from theworld_jax.config.theworld import PROJECTION_ARCHITECTURES, PROJECTION_MODES
+from theworld_jax.config import ProjectionArchitecture, ProjectionMode
 from theworld_jax.io_safety import atomic_directory, check_target
 
 DTYPES = ("bfloat16", "float32")
@@ -123,8 +123,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cosmos", required=True, type=cli.checkpoint, help="the Cosmos VAE (diffusers) directory or hub id")
     p.add_argument("--projection", type=cli.existing_dir,
                    help="an upstream PyTorch TheWorld checkpoint directory (its projector)")
-    p.add_argument("--mode", choices=PROJECTION_MODES, help="world_projection_mode of a new projector")
-    p.add_argument("--architecture", choices=PROJECTION_ARCHITECTURES, help="projection_architecture of a new projector")
+    p.add_argument("--mode", choices=list(ProjectionMode), help="world_projection_mode of a new projector")
+    p.add_argument("--architecture", choices=list(ProjectionArchitecture), help="projection_architecture of a new projector")
     p.add_argument("--seed", type=cli.nonnegative_int, default=0, help="initialisation seed of a new projector")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help=dtype_help)
     _outputs(p)

@@ -17,9 +17,7 @@ prefill and one decode program; the number of steps and the stop condition are t
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-from functools import partial
 from typing import Iterator, Sequence
 
 import jax
@@ -27,15 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from theworld_jax import progress
 from theworld_jax.attention import make_attention_mask, make_decode_mask
 from theworld_jax.inputs import Batch
+from theworld_jax.jit import jit_module
 from theworld_jax.modeling.kv_cache import KVCache
 from theworld_jax.sampling import SamplingConfig, choose
-
-# Number of times each jitted program was traced (a trace precedes every compilation).
-TRACE_COUNTS: collections.Counter = collections.Counter()
-
 
 @dataclasses.dataclass(frozen=True)
 class BucketPolicy:
@@ -75,11 +69,9 @@ def _finish(token, done, eos: jax.Array, pad_token_id: int):
     return token, done | jnp.any(token[:, None] == eos[None, :], axis=1)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "sampling", "pad_token_id", "capacity"))
-def _prefill(graphdef, params, batch: dict, key, temperature, top_p, eos, *, sampling: SamplingConfig,
+def _prefill(model: nnx.Module, batch: dict, key, temperature, top_p, eos, *, sampling: SamplingConfig,
              pad_token_id: int, capacity: int) -> DecodeState:
-    TRACE_COUNTS["prefill"] += 1
-    model = nnx.merge(graphdef, params)
+    """The prompt through the decoder into an empty KV cache, and the first token (jitted by `start`)."""
     lm = model.language_model
     fused = model.lm_inputs(**batch)
     embeds, mask, types, positions = fused.embeds, fused.attention_mask, fused.token_type_ids, fused.positions
@@ -94,15 +86,10 @@ def _prefill(graphdef, params, batch: dict, key, temperature, top_p, eos, *, sam
                        step=jnp.int32(1), index=jnp.int32(length), key=key)
 
 
-progress.announce_compiles(_prefill, "the prefill")
-
-
-@partial(jax.jit, static_argnames=("graphdef", "sampling", "pad_token_id"), donate_argnames=("state",))
-def _decode(graphdef, params, state: DecodeState, limit, temperature, top_p, eos, *, sampling: SamplingConfig,
+def _decode(lm: nnx.Module, state: DecodeState, limit, temperature, top_p, eos, *, sampling: SamplingConfig,
             pad_token_id: int) -> DecodeState:
-    """Decode steps until `limit` tokens were produced in all or every row stopped."""
-    TRACE_COUNTS["decode"] += 1
-    lm = nnx.merge(graphdef, params).language_model
+    """Decode steps of the language model `lm` until `limit` tokens were produced in all or every row
+    stopped (jitted by `Decoding`, `state` donated)."""
     limit = jnp.minimum(limit, state.tokens.shape[1])
 
     def running(s: DecodeState):
@@ -122,9 +109,6 @@ def _decode(graphdef, params, state: DecodeState, limit, temperature, top_p, eos
     return jax.lax.while_loop(running, step, state)
 
 
-progress.announce_compiles(_decode, "the decode loop")
-
-
 def _left_pad(x: np.ndarray | None, length: int, value: int) -> np.ndarray | None:
     if x is None:
         return None
@@ -137,9 +121,10 @@ class Decoding:
     Build it with `start(...)`. `sequences()` gives prompt + the tokens produced so far (B, L + n).
     """
 
-    def __init__(self, graphdef, params, state: DecodeState, prompt_ids: np.ndarray, max_new_tokens: int,
+    def __init__(self, lm: nnx.Module, state: DecodeState, prompt_ids: np.ndarray, max_new_tokens: int,
                  static: dict, dynamic: tuple):
-        self._graphdef, self._params, self._state = graphdef, params, state
+        self._decode = jit_module(_decode, lm, static_argnames=tuple(static), donate_argnames=("state",))
+        self._state = state
         self._prompt = prompt_ids
         self.max_new_tokens = max_new_tokens
         self._static = static  # sampling, pad_token_id
@@ -152,8 +137,7 @@ class Decoding:
         before = self.produced
         if not self.finished:
             target = self.max_new_tokens if steps is None else min(self.max_new_tokens, before + max(1, steps))
-            self._state = _decode(self._graphdef, self._params, self._state, jnp.int32(target), *self._dynamic,
-                                  **self._static)
+            self._state = self._decode(self._state, jnp.int32(target), *self._dynamic, **self._static)
             self.produced = int(self._state.step)
             self.finished = self.produced >= self.max_new_tokens or bool(np.all(np.asarray(self._state.done)))
         return self.new_tokens()[:, before:]
@@ -170,10 +154,8 @@ class Decoding:
 def start(model: nnx.Module, batch: Batch, *, max_new_tokens: int = 32, do_sample: bool = False,
           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
           eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-          vocab_limit: int | None = None, buckets: BucketPolicy = BucketPolicy(),
-          split: tuple | None = None) -> Decoding:
-    """Prefill a prepared batch and return its `Decoding` (see `generate` for the arguments; `split`: the
-    model's `nnx.split(model)` when the caller keeps one, saving a split per call)."""
+          vocab_limit: int | None = None, buckets: BucketPolicy = BucketPolicy()) -> Decoding:
+    """Prefill a prepared batch and return its `Decoding` (see `generate` for the arguments)."""
     config = model.gemma_config
     text = config.text
     ids, mask = np.asarray(batch.input_ids, np.int32), np.asarray(batch.attention_mask, np.int32)
@@ -204,10 +186,9 @@ def start(model: nnx.Module, batch: Batch, *, max_new_tokens: int = 32, do_sampl
     dynamic = (jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p),
                jnp.asarray(eos + [-1] * (EOS_SLOTS - len(eos)), jnp.int32))
     static = dict(sampling=sampling, pad_token_id=pad)
-    graphdef, params = nnx.split(model) if split is None else split
-    state = _prefill(graphdef, params, padded, jax.random.key(seed), *dynamic,
-                     capacity=buckets.length(int(max_new_tokens)), **static)
-    return Decoding(graphdef, params, state, ids, int(max_new_tokens), static, dynamic)
+    prefill = jit_module(_prefill, model, static_argnames=("capacity", *static))
+    state = prefill(padded, jax.random.key(seed), *dynamic, capacity=buckets.length(int(max_new_tokens)), **static)
+    return Decoding(model.language_model, state, ids, int(max_new_tokens), static, dynamic)
 
 
 def generate(model: nnx.Module, batch: Batch, **options) -> np.ndarray:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from theworld_jax import sources
+
 SOW_TOKEN = "<start_of_world>"
 EOW_TOKEN = "<end_of_world>"
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer.json",
@@ -16,12 +18,22 @@ def has_processor(directory: str) -> bool:
 
 
 def load_processor(directory: str):
-    """The processor saved in `directory` (AutoProcessor), or None when the directory holds none."""
+    """The processor saved in `directory` (AutoProcessor), or None when the directory holds none.
+
+    The config.json of a TheWorld checkpoint is not a transformers config: there the Gemma3Processor (or,
+    for text-only Gemma, the tokenizer) is loaded with a Gemma 3 config given, so that transformers does
+    not read our config.json as one of its own (and warn that its model type is not theirs).
+    """
     if not has_processor(directory):
         return None
-    from transformers import AutoProcessor
+    import transformers
 
-    return AutoProcessor.from_pretrained(directory)
+    if sources.detect(directory) == "gemma3":
+        return transformers.AutoProcessor.from_pretrained(directory)
+    given = dict(config=transformers.Gemma3Config())
+    if os.path.exists(os.path.join(directory, "processor_config.json")):
+        return transformers.Gemma3Processor.from_pretrained(directory, **given)
+    return transformers.AutoTokenizer.from_pretrained(directory, **given)
 
 
 def add_world_tokens(processor, vocab_size: int) -> tuple[int, int]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
+
+from theworld_jax.config import read_json_config
 
 KINDS = {
     "theworld_jax": "a TheWorld-JAX checkpoint (save_pretrained / python -m convert)",
@@ -31,11 +32,11 @@ def resolve(path_or_id: str, subfolder: str | None = None) -> str:
 
 
 def read_config(directory: str, name: str = "config.json") -> dict:
+    """The JSON object in `directory`/`name` (read by the configs' reader: errors name the file)."""
     path = os.path.join(directory, name)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{directory!r} has no {name}")
-    with open(path) as f:
-        return json.load(f)
+    return read_json_config(path, dict)
 
 
 def detect(directory: str) -> str:

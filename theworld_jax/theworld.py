@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from functools import partial
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -13,14 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from theworld_jax import progress, sharding, sources
+from theworld_jax import sharding, sources
 from theworld_jax.checkpoint import restore_params, save_params
-from theworld_jax.io_safety import atomic_directory
-from theworld_jax.config.gemma3 import Gemma3Config
-from theworld_jax.config.theworld import TheWorldConfig
-from theworld_jax.config.wan_vae import WanVAEConfig
+from theworld_jax.config import Gemma3Config, TheWorldConfig, WanVAEConfig, read_json_config
 from theworld_jax.generation import BucketPolicy, Decoding, start, stream_text
 from theworld_jax.inputs import Batch, InputSpec, prepare_batch
+from theworld_jax.io_safety import atomic_directory
+from theworld_jax.jit import jit_module
 from theworld_jax.modeling.theworld import ForwardOutput, TheWorldModel, make_world_projector
 from theworld_jax.processing import add_world_tokens, load_processor, original_vocab_size
 from theworld_jax.weights.loader import abstract_params
@@ -49,7 +47,6 @@ class TheWorld:
         self._raw_configs = raw_configs
         self.input_spec = InputSpec(gemma_config, config, vae_config, dtype=model.gemma.dtype)
         self.sources = tuple(sources)  # the local directories read: save_pretrained never replaces them
-        self._graphdef, self._state = nnx.split(model)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -123,14 +120,14 @@ class TheWorld:
 
     @classmethod
     def _from_upstream(cls, directory: str, *, dtype, overrides: dict, mesh=None) -> TheWorld:
-        config = TheWorldConfig.from_upstream_dict(sources.read_config(directory))
+        config = read_json_config(directory, TheWorldConfig.from_upstream_dict)
         config = dataclasses.replace(config, **overrides)
         gemma_dir = sources.resolve(config.gemma_model_name)
         return cls._assemble(gemma_dir, config, dtype=dtype, seed=0, projector_ckpt=directory, mesh=mesh)
 
     @classmethod
     def _from_saved(cls, directory: str, *, dtype, overrides: dict, mesh=None) -> TheWorld:
-        config = TheWorldConfig.from_dict(sources.read_config(directory))
+        config = read_json_config(directory, TheWorldConfig.from_dict)
         unsupported = sorted(k for k, v in overrides.items() if getattr(config, k) != v
                              and k in ("enable_world", "world_projection_mode", "projection_architecture"))
         if unsupported:
@@ -138,8 +135,9 @@ class TheWorld:
         config = dataclasses.replace(config, **overrides)
         raw = {name: sources.read_config(directory, name) for name in (GEMMA_CONFIG_FILE, VAE_CONFIG_FILE)
                if os.path.exists(os.path.join(directory, name))}
-        gemma_config = Gemma3Config.from_dict(raw[GEMMA_CONFIG_FILE])
-        vae_config = WanVAEConfig.from_dict(raw[VAE_CONFIG_FILE]) if config.enable_world else None
+        gemma_config = Gemma3Config.from_json_file(os.path.join(directory, GEMMA_CONFIG_FILE))
+        vae_config = (WanVAEConfig.from_json_file(os.path.join(directory, VAE_CONFIG_FILE)) if config.enable_world
+                      else None)
         abstract = nnx.eval_shape(lambda: TheWorldModel.create(config, gemma_config, vae_config, dtype=dtype,
                                                                rngs=nnx.Rngs(0)))
         shardings = None if mesh is None else sharding.param_shardings(abstract_params(abstract), mesh)
@@ -176,7 +174,7 @@ class TheWorld:
                               token_type_ids=token_type_ids, labels=labels, position_ids=position_ids, images=images)
         if self.mesh is not None:
             batch = jax.tree.map(lambda v: jax.device_put(v, sharding.batch_sharding(self.mesh, v.shape)), batch)
-        return _forward_jit(self._graphdef, self._state, batch)
+        return jit_module(_forward, self.model)(batch)
 
     # ------------------------------------------------------------------ generation
     def generate(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None, images=None, *,
@@ -208,16 +206,12 @@ class TheWorld:
                               token_type_ids=token_type_ids, images=images)
         if vocab_limit is None:
             vocab_limit = original_vocab_size(self.processor, self.gemma_config.text.vocab_size)
-        return start(self.model, batch, vocab_limit=vocab_limit, split=(self._graphdef, self._state), **options)
+        return start(self.model, batch, vocab_limit=vocab_limit, **options)
 
     def num_world_tokens(self, frames: int = 1) -> int:
         """World tokens per row for a clip of `frames` frames (1 for an image)."""
         return self.input_spec.world_tokens(frames)
 
 
-@partial(jax.jit, static_argnums=0)
-def _forward_jit(graphdef, state, batch: Batch) -> ForwardOutput:
-    return nnx.merge(graphdef, state).forward(**batch.model_inputs())
-
-
-progress.announce_compiles(_forward_jit, "the forward pass")
+def _forward(model: TheWorldModel, batch: Batch) -> ForwardOutput:
+    return model.forward(**batch.model_inputs())

@@ -8,9 +8,9 @@ the model uses. A field that neither transformers nor we know is an error naming
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
+
+from theworld_jax.config.base import ConfigError, read_json_config
 
 # Fields that older or newer checkpoints carry and that do not change the computation.
 _LEGACY_FIELDS = frozenset({
@@ -23,10 +23,6 @@ _LEGACY_FIELDS = frozenset({
     "output_attentions", "output_hidden_states", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder",
     "id2label", "label2id", "problem_type", "tie_word_embeddings", "initializer_range", "attention_dropout",
 })
-
-
-class ConfigError(ValueError):
-    """A config.json that this library cannot represent faithfully."""
 
 
 def _check_fields(raw: dict[str, Any], known: set[str], what: str) -> None:
@@ -225,7 +221,5 @@ class Gemma3Config:
 
     @classmethod
     def from_json_file(cls, path: str) -> Gemma3Config:
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        """A config.json (or a directory holding one)."""
+        return read_json_config(path, cls.from_dict)

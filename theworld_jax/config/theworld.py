@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
-from theworld_jax.config.gemma3 import ConfigError
+from theworld_jax.config.base import Choice, ConfigError, read_json_config
 
 MODEL_TYPE = "theworld_jax"
 UPSTREAM_MODEL_TYPE = "the_world"
@@ -22,19 +21,42 @@ UPSTREAM_MODEL_TYPE = "the_world"
 DEFAULT_GEMMA_MODEL = "google/gemma-3-4b-it"
 DEFAULT_COSMOS_MODEL = "nvidia/Cosmos-Predict2-2B-Video2World"
 
-PROJECTION_MODES = ("spatial", "channel")
-PROJECTION_ARCHITECTURES = ("mlp", "mlp_no_final_gelu", "linear")
-WORLD_ATTENTIONS = ("causal", "bidirectional")
-VAE_INPUT_RANGES = ("minus_one_one", "zero_255")
+
+class ProjectionMode(Choice):
+    """How VAE latents (T', H', W', z) become world tokens."""
+
+    SPATIAL = "spatial"  # T'*H'*W' tokens of z features
+    CHANNEL = "channel"  # T'*z tokens of H'*W' features
+
+
+class ProjectionArchitecture(Choice):
+    """The world projector: upstream's `projection` Sequential."""
+
+    MLP = "mlp"  # Linear -> GELU -> Linear -> GELU
+    MLP_NO_FINAL_GELU = "mlp_no_final_gelu"  # Linear -> GELU -> Linear
+    LINEAR = "linear"  # Linear
+
+
+class WorldAttention(Choice):
+    """How world tokens attend: causally like text, or as one bidirectional block like an image."""
+
+    CAUSAL = "causal"
+    BIDIRECTIONAL = "bidirectional"
+
+
+class VaeInputRange(Choice):
+    """Pixel values fed to the VAE."""
+
+    MINUS_ONE_ONE = "minus_one_one"  # x / 127.5 - 1, what the VAE was trained on
+    ZERO_255 = "zero_255"  # raw 0..255 as float, what upstream TheWorld fed it
+
+
+_CHOICES = {"world_projection_mode": ProjectionMode, "projection_architecture": ProjectionArchitecture,
+            "world_attention": WorldAttention, "vae_input_range": VaeInputRange}
 
 # The TheWorld fields of upstream's config class (older versions lack the last three; defaults apply).
 _UPSTREAM_FIELDS = ("cosmos_model_name", "enable_world", "freeze_gemma_vision", "freeze_gemma_language",
                     "freeze_cosmos_vae", "gemma_model_name", "world_projection_mode", "projection_architecture")
-
-
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name}={value!r} is not supported; expected one of {list(allowed)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +64,8 @@ class TheWorldConfig:
     """Every TheWorld setting that is not part of the Gemma 3 or VAE configs.
 
     gemma_model_name / cosmos_model_name: where the base models come from (a directory or a hub id).
-    world_projection_mode: "spatial" (H'*W' tokens of z per latent frame) or "channel" (z tokens of H'*W').
-    projection_architecture: "mlp" (Linear-GELU-Linear-GELU), "mlp_no_final_gelu" or "linear".
-    world_attention: "causal", or "bidirectional" to make the world tokens one bidirectional block.
-    vae_input_range: pixels fed to the VAE in [-1, 1] ("minus_one_one") or, as upstream did, [0, 255].
+    world_projection_mode, projection_architecture, world_attention, vae_input_range: the `Choice` enums
+    above; strings are accepted and turned into members (anything else is a ConfigError).
     vae_image_size: (height, width) that images are resized to before the VAE.
     sow_token_id / eow_token_id: <start_of_world> / <end_of_world>, None until the processor is known.
     """
@@ -53,13 +73,13 @@ class TheWorldConfig:
     gemma_model_name: str | None = DEFAULT_GEMMA_MODEL
     cosmos_model_name: str | None = DEFAULT_COSMOS_MODEL
     enable_world: bool = True
-    world_projection_mode: str = "spatial"
-    projection_architecture: str = "mlp"
+    world_projection_mode: ProjectionMode = ProjectionMode.SPATIAL
+    projection_architecture: ProjectionArchitecture = ProjectionArchitecture.MLP
     freeze_gemma_vision: bool = True
     freeze_gemma_language: bool = True
     freeze_cosmos_vae: bool = True
-    world_attention: str = "causal"
-    vae_input_range: str = "minus_one_one"
+    world_attention: WorldAttention = WorldAttention.CAUSAL
+    vae_input_range: VaeInputRange = VaeInputRange.MINUS_ONE_ONE
     vae_image_size: tuple[int, int] = (512, 512)
     sow_token_id: int | None = None
     eow_token_id: int | None = None
@@ -72,10 +92,8 @@ class TheWorldConfig:
         for name in ("enable_world", "freeze_gemma_vision", "freeze_gemma_language", "freeze_cosmos_vae"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        _choice("world_projection_mode", self.world_projection_mode, PROJECTION_MODES)
-        _choice("projection_architecture", self.projection_architecture, PROJECTION_ARCHITECTURES)
-        _choice("world_attention", self.world_attention, WORLD_ATTENTIONS)
-        _choice("vae_input_range", self.vae_input_range, VAE_INPUT_RANGES)
+        for name, choice in _CHOICES.items():
+            object.__setattr__(self, name, choice.parse(getattr(self, name), name))
         size = self.vae_image_size
         if (not isinstance(size, (tuple, list)) or len(size) != 2
                 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
@@ -122,7 +140,7 @@ class TheWorldConfig:
             raise ConfigError(f"config model_type is {model_type!r}, expected {UPSTREAM_MODEL_TYPE!r} for an "
                               "upstream TheWorld config")
         fields = {k: raw[k] for k in _UPSTREAM_FIELDS if k in raw}
-        return cls(vae_input_range="zero_255", **fields)
+        return cls(vae_input_range=VaeInputRange.ZERO_255, **fields)
 
     @classmethod
     def from_any_dict(cls, raw: dict[str, Any]) -> TheWorldConfig:
@@ -134,10 +152,7 @@ class TheWorldConfig:
     @classmethod
     def from_json_file(cls, path: str) -> TheWorldConfig:
         """A config.json (or a directory holding one) in either form."""
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        with open(path) as f:
-            return cls.from_any_dict(json.load(f))
+        return read_json_config(path, cls.from_any_dict)
 
     def to_json_file(self, path: str) -> None:
         with open(path, "w") as f:

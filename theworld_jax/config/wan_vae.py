@@ -8,11 +8,9 @@ Wan2.2 variant that this library does not implement (`is_residual`, `patch_size`
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
-from theworld_jax.config.gemma3 import ConfigError
+from theworld_jax.config.base import ConfigError, read_json_config
 
 # diffusers' ConfigMixin bookkeeping: accepted and ignored.
 _BOOKKEEPING = frozenset({"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values",
@@ -111,10 +109,8 @@ class WanVAEConfig:
 
     @classmethod
     def from_json_file(cls, path: str) -> WanVAEConfig:
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        """A config.json (or a directory holding one)."""
+        return read_json_config(path, cls.from_dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -21,15 +21,14 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from theworld_jax.config.theworld import VAE_INPUT_RANGES
+from theworld_jax.config.theworld import VaeInputRange
 
 
 def prepare_video(images_or_clips, size: int | tuple[int, int] | None = (512, 512),
-                  value_range: str = "minus_one_one", convert_rgb: bool = False) -> np.ndarray:
+                  value_range: str = VaeInputRange.MINUS_ONE_ONE, convert_rgb: bool = False) -> np.ndarray:
     """Images or clips -> (B, T, H, W, 3) float32; `size` is (height, width), an int for a square,
     or None to keep the inputs' size (which must then agree)."""
-    if value_range not in VAE_INPUT_RANGES:
-        raise ValueError(f"value_range must be one of {VAE_INPUT_RANGES}; got {value_range!r}")
+    value_range = VaeInputRange.parse(value_range, "value_range")
     size = _check_size(size)
     samples = as_samples(images_or_clips)
     if not samples:
@@ -42,7 +41,7 @@ def prepare_video(images_or_clips, size: int | tuple[int, int] | None = (512, 51
     if len(shapes) > 1:
         raise ValueError(f"with size=None all frames must have the same size; got {shapes}")
     video = np.stack(clips).astype(np.float32)
-    return video / 127.5 - 1.0 if value_range == "minus_one_one" else video
+    return video / 127.5 - 1.0 if value_range == VaeInputRange.MINUS_ONE_ONE else video
 
 
 def _check_size(size) -> tuple[int, int] | None:

@@ -8,15 +8,13 @@ as in diffusers. `CosmosVAE.decode` decodes latent frame by latent frame the sam
 
 from __future__ import annotations
 
-import functools
-import weakref
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from theworld_jax.config.wan_vae import WanVAEConfig
+from theworld_jax.jit import jit_module
 from theworld_jax.modeling.wan_blocks import (CausalConv3d, Downsample, FeatCache, MidBlock,
                                               ResidualBlock, RMSNorm, Upsample)
 
@@ -127,11 +125,11 @@ class CosmosVAE(nnx.Module):
 
     def encode(self, video) -> jax.Array:
         """video (B, T, H, W, 3) in [-1, 1] -> posterior mean (B, 1+(T-1)//4, H/f, W/f, z_dim), jitted."""
-        return _runner(self, "encode_mean")(self._check_video(video))
+        return jit_module(CosmosVAE.encode_mean, self)(self._check_video(video))
 
     def decode(self, latents) -> jax.Array:
         """latents (B, T', h, w, z_dim) -> video (B, 1+4(T'-1), h*f, w*f, 3) clamped to [-1, 1], jitted."""
-        return _runner(self, "decode_frames")(self._check_latents(latents))
+        return jit_module(CosmosVAE.decode_frames, self)(self._check_latents(latents))
 
     def encode_mean(self, x: jax.Array) -> jax.Array:
         """The traceable encode (no input checks, no jit); x (B, T, H, W, Cin)."""
@@ -175,40 +173,3 @@ class CosmosVAE(nnx.Module):
         if len(shape) != 5 or shape[-1] != z or 0 in shape:
             raise ValueError(f"latents must be (B, T', h, w, {z}) with B, T' >= 1; got shape {shape}")
         return jnp.asarray(latents, self.dtype)
-
-
-class _Runner:
-    """`getattr(model, method)` compiled once: the graph is split on creation and the live parameter
-    values are read on each call, so calls cost a jitted dispatch, not an NNX graph traversal. (The
-    module structure must not change after the first call; parameter values may.) Under an outer
-    trace (a model holding tracers) the call is simply inlined into that trace as a nested jit."""
-
-    def __init__(self, model: nnx.Module, method: str):
-        graphdef, state = nnx.split(model)
-        paths = tuple(path for path, _ in nnx.to_flat_state(state))
-        live = {tuple(p): v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
-        self.variables = [live[p] for p in paths]
-        self.fn = _jitted(graphdef, paths, method)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fn([v.get_value() for v in self.variables], x)
-
-
-@functools.lru_cache(maxsize=32)
-def _jitted(graphdef, paths: tuple, method: str):
-    """One jitted function per model structure, shared by all models of that structure."""
-
-    def run(values, x):
-        return getattr(nnx.merge(graphdef, nnx.from_flat_state(list(zip(paths, values)))), method)(x)
-
-    return jax.jit(run)
-
-
-_RUNNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _runner(model: nnx.Module, method: str) -> _Runner:
-    runners = _RUNNERS.setdefault(model, {})
-    if method not in runners:
-        runners[method] = _Runner(model, method)
-    return runners[method]

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from theworld_jax.config.theworld import WORLD_ATTENTIONS
+from theworld_jax.config.theworld import WorldAttention
 
 IGNORE_INDEX = -100
 
@@ -34,7 +34,7 @@ class FusedBatch(NamedTuple):
 
 def splice_world(embeds: jax.Array, input_ids: jax.Array, attention_mask: jax.Array,
                  token_type_ids: jax.Array | None, labels: jax.Array | None, world: jax.Array, *,
-                 sow_id: int, world_attention: str = "causal") -> FusedBatch:
+                 sow_id: int, world_attention: str = WorldAttention.CAUSAL) -> FusedBatch:
     """Insert world (B, N, D) right after each row's <sow> in embeds (B, L, D) and the per-token arrays.
 
     The rows must have been checked by `validate_world_batch` (one <sow> immediately followed by <eow>).
@@ -42,9 +42,7 @@ def splice_world(embeds: jax.Array, input_ids: jax.Array, attention_mask: jax.Ar
     block, like an image) and label -100; <sow> and <eow> get label -100 too. World embeddings are used
     as given (not scaled). positions = cumsum(mask) - 1, clipped at 0.
     """
-    if world_attention not in WORLD_ATTENTIONS:
-        raise ValueError(f"world_attention={world_attention!r} is not supported; expected one of "
-                         f"{list(WORLD_ATTENTIONS)}")
+    world_attention = WorldAttention.parse(world_attention, "world_attention")
     b, length, d = embeds.shape
     if input_ids.shape != (b, length) or attention_mask.shape != (b, length):
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
@@ -70,9 +68,10 @@ def splice_world(embeds: jax.Array, input_ids: jax.Array, attention_mask: jax.Ar
     out_embeds = jnp.where(is_world[..., None], world_embeds, text_embeds)
     mask = jnp.where(is_world, 1, take(attention_mask, text_src)).astype(attention_mask.dtype)
 
-    world_type = 1 if world_attention == "bidirectional" else 0
+    bidirectional = world_attention == WorldAttention.BIDIRECTIONAL
+    world_type = 1 if bidirectional else 0
     types = None
-    if token_type_ids is not None or world_attention == "bidirectional":
+    if token_type_ids is not None or bidirectional:
         text_types = (jnp.zeros((b, length + n), jnp.int32) if token_type_ids is None
                       else take(token_type_ids, text_src))
         types = jnp.where(is_world, world_type, text_types).astype(text_types.dtype)

@@ -14,17 +14,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from theworld_jax.config.gemma3 import ConfigError
-from theworld_jax.config.theworld import PROJECTION_ARCHITECTURES, PROJECTION_MODES
+from theworld_jax.config import ConfigError, ProjectionArchitecture, ProjectionMode
 
 if TYPE_CHECKING:
     from theworld_jax.config.wan_vae import WanVAEConfig
-
-
-def _check_mode(mode: str) -> None:
-    if mode not in PROJECTION_MODES:
-        raise ValueError(f"world_projection_mode={mode!r} is not supported; expected one of "
-                         f"{list(PROJECTION_MODES)}")
 
 
 def latent_grid(vae_image_size: tuple[int, int], spatial_factor: int) -> tuple[int, int]:
@@ -38,16 +31,16 @@ def latent_grid(vae_image_size: tuple[int, int], spatial_factor: int) -> tuple[i
 
 def projector_in_features(mode: str, z_dim: int, vae_image_size: tuple[int, int], spatial_factor: int) -> int:
     """Features per world token: z_dim (spatial mode) or H'*W' (channel mode)."""
-    _check_mode(mode)
+    mode = ProjectionMode.parse(mode, "world_projection_mode")
     h, w = latent_grid(vae_image_size, spatial_factor)
-    return z_dim if mode == "spatial" else h * w
+    return z_dim if mode == ProjectionMode.SPATIAL else h * w
 
 
 def num_world_tokens(mode: str, vae_config: WanVAEConfig, vae_image_size: tuple[int, int], frames: int = 1) -> int:
     """World tokens per sample for a clip of `frames` frames: T'*H'*W' (spatial) or T'*z_dim (channel)."""
-    _check_mode(mode)
+    mode = ProjectionMode.parse(mode, "world_projection_mode")
     h, w = latent_grid(vae_image_size, vae_config.spatial_factor)
-    per_frame = h * w if mode == "spatial" else vae_config.z_dim
+    per_frame = h * w if mode == ProjectionMode.SPATIAL else vae_config.z_dim
     return vae_config.latent_frames(frames) * per_frame
 
 
@@ -59,9 +52,9 @@ def latents_to_tokens(mean: jax.Array, mode: str) -> jax.Array:
     """
     if mean.ndim != 5:
         raise ValueError(f"latents must be (B, T', H', W', z), got shape {tuple(mean.shape)}")
-    _check_mode(mode)
+    mode = ProjectionMode.parse(mode, "world_projection_mode")
     b, t, h, w, z = mean.shape
-    if mode == "spatial":
+    if mode == ProjectionMode.SPATIAL:
         return mean.reshape(b, t * h * w, z)
     return jnp.einsum("BTHWZ->BTZHW", mean).reshape(b, t * z, h * w)
 
@@ -103,17 +96,15 @@ class WorldProjector(nnx.Module):
     which are upstream's projection.0 and projection.2.
     """
 
-    def __init__(self, in_features: int, out_features: int, architecture: str = "mlp", *,
+    def __init__(self, in_features: int, out_features: int, architecture: str = ProjectionArchitecture.MLP, *,
                  dtype=jnp.float32, param_dtype=None, rngs: nnx.Rngs):
-        if architecture not in PROJECTION_ARCHITECTURES:
-            raise ValueError(f"projection_architecture={architecture!r} is not supported; expected one of "
-                             f"{list(PROJECTION_ARCHITECTURES)}")
+        architecture = ProjectionArchitecture.parse(architecture, "projection_architecture")
         param_dtype = dtype if param_dtype is None else param_dtype
         self.in_features = in_features
         self.out_features = out_features
         self.architecture = architecture
         dims = [(in_features, out_features)]
-        if architecture != "linear":
+        if architecture != ProjectionArchitecture.LINEAR:
             dims.append((out_features, out_features))
         self.layers = nnx.List([Dense(i, o, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for i, o in dims])
 
@@ -122,7 +113,7 @@ class WorldProjector(nnx.Module):
             raise ValueError(f"world tokens have {tokens.shape[-1]} features, the projector expects "
                              f"{self.in_features} (shape {tuple(tokens.shape)})")
         x = self.layers[0](tokens)
-        if self.architecture == "linear":
+        if self.architecture == ProjectionArchitecture.LINEAR:
             return x
         x = self.layers[1](_gelu(x))
-        return _gelu(x) if self.architecture == "mlp" else x
+        return _gelu(x) if self.architecture == ProjectionArchitecture.MLP else x
