@@ -15,8 +15,11 @@ class ConfigError(ValueError):
 
 
 class Choice(enum.StrEnum):
-    """A setting with a closed set of values. Members are their strings (equal, hashed and written to
-    JSON as such); `parse` turns a string into a member or raises a one-line ConfigError."""
+    """A setting with a closed set of values. Members are their strings (equal, hashed, printed, repr'd
+    and written to JSON as such); `parse` turns a string into a member or raises a one-line ConfigError."""
+
+    def __repr__(self) -> str:
+        return repr(self.value)
 
     @classmethod
     def parse(cls, value: Any, name: str):
