@@ -31,6 +31,7 @@ from theworld_jax.jit import jit_module
 from theworld_jax.modeling.kv_cache import KVCache
 from theworld_jax.sampling import SamplingConfig, choose
 
+
 @dataclasses.dataclass(frozen=True)
 class BucketPolicy:
     """Padded lengths: next power of two >= max(length, minimum) up to `granule`, then multiples of it."""
