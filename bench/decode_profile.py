@@ -91,8 +91,9 @@ def synthetic_state(cfg, batch: int, length: int, pad: int, capacity: int, seed:
 def decode_program(graphdef, sampling_config, options: dict):
     """The library's decode loop, jitted with `options` as XLA compiler options (state donated)."""
     def run(params, state, limit, temperature, top_p, eos):
-        return generation._decode(graphdef, params, state, limit, temperature, top_p, eos,
-                                  sampling=sampling_config, pad_token_id=0)
+        lm = nnx.merge(graphdef, params).language_model
+        return generation._decode(lm, state, limit, temperature, top_p, eos, sampling=sampling_config,
+                                  pad_token_id=0)
     return jax.jit(run, donate_argnums=1, compiler_options=options or None)
 
 
