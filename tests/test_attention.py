@@ -8,8 +8,7 @@ import transformers
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_model, get_block_sequence_ids_for_mask
 
-from theworld_jax.attention import (AttentionMask, _fused_causal_attention, block_ids, dot_product_attention, make_attention_mask,
-                                    make_decode_mask)
+from theworld_jax.attention import AttentionMask, block_ids, dot_product_attention, make_attention_mask, make_decode_mask
 
 WINDOW = 4
 
@@ -136,18 +135,6 @@ def test_padding_queries_give_finite_zero_output():
     assert np.isfinite(out).all()
     np.testing.assert_array_equal(out[0, :2], 0.0)
     assert np.abs(out[0, 2:]).min() > 0
-
-
-@pytest.mark.parametrize("window", [None, 3])
-def test_fused_path_arguments_match_oracle(window):
-    """The cuDNN path's causal / local-window arguments, run on jax.nn's XLA backend (no GPU here)."""
-    rng = np.random.default_rng(4)
-    q = jnp.asarray(rng.standard_normal((2, 7, 4, 8)), jnp.float32)
-    k, v = (jnp.asarray(rng.standard_normal((2, 7, 2, 8)), jnp.float32) for _ in range(2))
-    mask = make_attention_mask(jnp.ones((2, 7), jnp.int32))
-    ref = dot_product_attention(q, k, v, mask, window=window, scale=0.3)
-    out = _fused_causal_attention(q, k, v, window=window, scale=0.3, backend="xla")
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
 
 
 def test_decode_mask_describes_new_tokens():

@@ -1,4 +1,4 @@
-"""The one attention entry point: who may attend to whom (`AttentionMask`) and the kernels.
+"""The one attention entry point: who may attend to whom (`AttentionMask`) and the kernels behind it.
 
 Rule (transformers 5.24; docs/design.md, section 4), per batch row, query t and key s:
 
@@ -6,17 +6,45 @@ Rule (transformers 5.24; docs/design.md, section 4), per batch row, query t and 
     causal = k_index[s] <= q_index[t];  same_block = (q_block[t] == k_block[s]) & (q_block[t] > 0)
 
 Indices are token indices in the padded sequence (not RoPE positions); a KV-cache slot carries the
-index of the token stored in it. "xla" is the numerical oracle; "cudnn" is the fused GPU kernel for
-plain causal / sliding-window attention without padding or bidirectional blocks.
+index of the token stored in it.
+
+`dot_product_attention` picks its kernel (implementation=None):
+- the fast exact path (`theworld_jax.interval_attention`: cuDNN flash calls only) when all of these hold:
+  the default backend is a GPU, q is bfloat16/float16, head_dim <= 256 and a multiple of 8, and the mask
+  is a whole padded sequence attending to itself with a static `Layout` (`make_attention_mask` gives
+  one; `mask=None`, full bidirectional attention, needs none);
+- otherwise the XLA einsum path (float32 logits, the numerical oracle): on CPU/TPU, in float32, for KV
+  cache masks (decode steps and chunked prefill, see kv_cache.py), for masks whose token_type_ids were
+  traced without a `Layout`, and for head_dim > 256 (the VAE's 384-channel mid-block attention).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Static facts about a self-attention mask that the fast path builds on.
+
+    The mask is one padded sequence attending to itself (q_index = k_index = arange), the real tokens of
+    each row are contiguous (left and/or right padding), and the bidirectional blocks of a row, longest
+    first, fit `blocks`: the r-th longest has at most blocks[r] tokens (descending). The fast path checks
+    these facts on the device; a row that breaks them gets NaN outputs, never silently wrong ones.
+    """
+
+    blocks: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if any(b < 1 for b in self.blocks) or list(self.blocks) != sorted(self.blocks, reverse=True):
+            raise ValueError(f"Layout.blocks must be positive lengths in descending order, got {self.blocks}")
 
 
 @struct.dataclass
@@ -28,6 +56,7 @@ class AttentionMask:
     k_valid: jax.Array  # (B, S) bool: a real token (attention_mask == 1; a cache slot: filled)
     q_block: jax.Array  # (B, T) int32: bidirectional block id of each query, 0 = none
     k_block: jax.Array  # (B, S) int32: bidirectional block id of each key, 0 = none
+    layout: Layout | None = struct.field(pytree_node=False, default=None)  # None: the XLA path only
 
     def allowed(self, window: int | None) -> jax.Array:
         """(B, T, S) bool: may query t attend to key s."""
@@ -49,27 +78,57 @@ def block_ids(token_type_ids: jax.Array) -> jax.Array:
     return jnp.where(is_block, jnp.cumsum(starts, axis=1, dtype=jnp.int32), 0)
 
 
-def make_attention_mask(attention_mask: jax.Array, token_type_ids: jax.Array | None = None) -> AttentionMask:
+def _is_concrete(x) -> bool:
+    return x is None or not isinstance(x, jax.core.Tracer)
+
+
+def block_layout(token_type_ids, attention_mask=None, *, extra_blocks: tuple[int, ...] = (),
+                 multiple: int = 8) -> Layout | None:
+    """The `Layout` of a batch from host values: the runs of token_type_ids == 1 (on real tokens when
+    attention_mask is a host value too), plus `extra_blocks` that every row gains (e.g. the bidirectional
+    world block), lengths rounded up to `multiple`. token_type_ids None: no blocks. None when
+    token_type_ids is traced (then only the caller knows a bound)."""
+    rows: list[list[int]] = [[]]
+    if token_type_ids is not None:
+        if not _is_concrete(token_type_ids):
+            return None
+        types = np.asarray(token_type_ids) == 1
+        if attention_mask is not None and _is_concrete(attention_mask):
+            types &= np.asarray(attention_mask) != 0
+        edges = np.diff(np.pad(types.astype(np.int8), ((0, 0), (1, 1))), axis=1)
+        rows = [[int(n) for n in np.nonzero(e == -1)[0] - np.nonzero(e == 1)[0]] for e in edges]
+    slots: list[int] = []
+    for row in rows:
+        for r, n in enumerate(sorted(row + [int(n) for n in extra_blocks], reverse=True)):
+            if r == len(slots):
+                slots.append(0)
+            slots[r] = max(slots[r], -(-n // multiple) * multiple)
+    return Layout(tuple(slots))
+
+
+def make_attention_mask(attention_mask: jax.Array, token_type_ids: jax.Array | None = None, *,
+                        layout: Layout | None = None) -> AttentionMask:
     """Mask of a whole (padded) sequence attending to itself, no cache: q_index = k_index = arange(L).
 
     attention_mask (B, L): 1 on real tokens, 0 on padding. token_type_ids (B, L) or None: 1 on tokens of
-    bidirectional blocks (image soft tokens), which then see their whole block.
+    bidirectional blocks (image soft tokens), which then see their whole block. `layout`: the static
+    block bound for the fast path; by default taken from token_type_ids when they are host values (no
+    blocks when None); traced token_type_ids without a layout take the XLA path.
     """
+    shape = tuple(np.shape(attention_mask))
+    if len(shape) != 2:
+        raise ValueError(f"attention_mask must be (batch, length), got shape {shape}")
+    if token_type_ids is not None and tuple(np.shape(token_type_ids)) != shape:
+        raise ValueError(f"token_type_ids has shape {tuple(np.shape(token_type_ids))}, expected the shape of "
+                         f"attention_mask {shape}")
+    if layout is None:
+        layout = block_layout(token_type_ids, attention_mask)
     attention_mask = jnp.asarray(attention_mask)
-    if attention_mask.ndim != 2:
-        raise ValueError(f"attention_mask must be (batch, length), got shape {attention_mask.shape}")
-    b, length = attention_mask.shape
+    b, length = shape
     index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-    if token_type_ids is None:
-        blocks = jnp.zeros((b, length), jnp.int32)
-    else:
-        token_type_ids = jnp.asarray(token_type_ids)
-        if token_type_ids.shape != attention_mask.shape:
-            raise ValueError(f"token_type_ids has shape {token_type_ids.shape}, expected the shape of "
-                             f"attention_mask {attention_mask.shape}")
-        blocks = block_ids(token_type_ids)
+    blocks = jnp.zeros(shape, jnp.int32) if token_type_ids is None else block_ids(jnp.asarray(token_type_ids))
     return AttentionMask(q_index=index, k_index=index, k_valid=attention_mask.astype(bool),
-                         q_block=blocks, k_block=blocks)
+                         q_block=blocks, k_block=blocks, layout=layout)
 
 
 def make_decode_mask(index: jax.Array, valid: jax.Array | None = None) -> AttentionMask:
@@ -85,44 +144,51 @@ def make_decode_mask(index: jax.Array, valid: jax.Array | None = None) -> Attent
     return AttentionMask(q_index=index, k_index=index, k_valid=valid, q_block=blocks, k_block=blocks)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *,
-                          window: int | None, scale: float, implementation: str = "xla") -> jax.Array:
+def cudnn_supports(q: jax.Array) -> bool:
+    """Whether jax.nn's cuDNN flash attention can take queries like q (B,T,N,H) here."""
+    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask | None, *,
+                          window: int | None, scale: float, implementation: str | None = None) -> jax.Array:
     """Grouped-query attention. q (B,T,N,H), k/v (B,S,K,H) with N a multiple of K -> (B,T,N,H) in q.dtype.
 
-    Query head n uses KV head n // (N // K). Logits and softmax are float32; a query that may see no key
-    (a padding token) gets a zero output.
+    Query head n uses KV head n // (N // K). mask None: every query sees every key (no window). A query
+    that may see no key (a padding token) gets a zero output; the fast path zeroes every padding query.
+    implementation: None picks (module docstring), "xla" forces the oracle, "cudnn" the fast path.
     """
     b, t, n, h = q.shape
     if k.shape != v.shape or k.shape[0] != b or k.shape[3] != h or n % k.shape[2]:
         raise ValueError(f"attention shapes do not fit: q {q.shape}, k {k.shape}, v {v.shape} "
                          "(expected q (B,T,N,H), k = v (B,S,K,H) with N a multiple of K)")
-    if implementation == "xla":
-        return _xla_attention(q, k, v, mask, window=window, scale=scale)
-    if implementation == "cudnn":
-        return _fused_causal_attention(q, k, v, window=window, scale=scale, backend="cudnn")
-    raise ValueError(f"unknown attention implementation {implementation!r}; expected one of {IMPLEMENTATIONS}")
+    if implementation not in (None,) + IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; expected None or one of "
+                         f"{IMPLEMENTATIONS}")
+    fast_mask = mask is None or (mask.layout is not None and t == k.shape[1])
+    if implementation == "cudnn" and not fast_mask:
+        raise ValueError("implementation='cudnn' needs a self-attention mask with a Layout (make_attention_mask) "
+                         f"or mask=None (got T={t}, S={k.shape[1]}, layout "
+                         f"{None if mask is None else mask.layout}); use 'xla'")
+    if implementation == "cudnn" or (implementation is None and fast_mask and cudnn_supports(q)):
+        from theworld_jax.interval_attention import interval_attention
+
+        if mask is None:
+            return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+        return interval_attention(q, k, v, mask, window=window, scale=scale, backend="cudnn")
+    return _xla_attention(q, k, v, mask, window=window, scale=scale)
 
 
-def _xla_attention(q, k, v, mask: AttentionMask, *, window, scale):
+def _xla_attention(q, k, v, mask: AttentionMask | None, *, window, scale):
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)
     logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
-    allowed = mask.allowed(window)[:, None, None]  # (B,1,1,T,S)
-    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+    if mask is not None:
+        allowed = mask.allowed(window)[:, None, None]  # (B,1,1,T,S)
+        logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
-    probs = jnp.where(allowed, probs, 0.0)
+    if mask is not None:
+        probs = jnp.where(allowed, probs, 0.0)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, n, h).astype(q.dtype)
-
-
-def _fused_causal_attention(q, k, v, *, window, scale, backend: str):
-    """jax.nn.dot_product_attention (backend "cudnn" on GPU). The caller guarantees the mask is plain
-    causal (with `window`) over q_index = k_index = arange(T): no padding, no blocks, no cache."""
-    if q.shape[1] != k.shape[1]:
-        raise ValueError(
-            f"implementation='cudnn' needs queries and keys of the same sequence (got T={q.shape[1]}, "
-            f"S={k.shape[1]}): it handles only causal self-attention without a KV cache; use 'xla'")
-    local = None if window is None else (window - 1, 0)
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=local,
-                                        implementation=backend)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from theworld_jax.attention import make_attention_mask, make_decode_mask
+from theworld_jax.attention import Layout, block_layout, make_attention_mask, make_decode_mask
 from theworld_jax.inputs import Batch
 from theworld_jax.jit import jit_module
 from theworld_jax.modeling.kv_cache import KVCache
@@ -71,14 +71,14 @@ def _finish(token, done, eos: jax.Array, pad_token_id: int):
 
 
 def _prefill(model: nnx.Module, batch: dict, key, temperature, top_p, eos, *, sampling: SamplingConfig,
-             pad_token_id: int, capacity: int) -> DecodeState:
+             pad_token_id: int, capacity: int, layout: Layout | None) -> DecodeState:
     """The prompt through the decoder into an empty KV cache, and the first token (jitted by `start`)."""
     lm = model.language_model
     fused = model.lm_inputs(**batch)
     embeds, mask, types, positions = fused.embeds, fused.attention_mask, fused.token_type_ids, fused.positions
     b, length = mask.shape
     cache = KVCache.init(lm.config, b, length + capacity, dtype=lm.dtype)
-    hidden, cache = lm(embeds, positions=positions, mask=make_attention_mask(mask, types), cache=cache)
+    hidden, cache = lm(embeds, positions=positions, mask=make_attention_mask(mask, types, layout=layout), cache=cache)
     key, sub = jax.random.split(key)
     token = choose(lm.logits(hidden[:, -1:])[:, 0], sub, sampling, temperature, top_p)
     token, done = _finish(token, jnp.zeros((b,), bool), eos, pad_token_id)
@@ -187,8 +187,12 @@ def start(model: nnx.Module, batch: Batch, *, max_new_tokens: int = 32, do_sampl
     dynamic = (jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p),
                jnp.asarray(eos + [-1] * (EOS_SLOTS - len(eos)), jnp.int32))
     static = dict(sampling=sampling, pad_token_id=pad)
-    prefill = jit_module(_prefill, model, static_argnames=("capacity", *static))
-    state = prefill(padded, jax.random.key(seed), *dynamic, capacity=buckets.length(int(max_new_tokens)), **static)
+    world_attention = getattr(model.config, "world_attention", "causal")
+    extra = (world_tokens,) if world_tokens and world_attention == "bidirectional" else ()
+    layout = block_layout(padded["token_type_ids"], padded["attention_mask"], extra_blocks=extra)  # fast attention
+    prefill = jit_module(_prefill, model, static_argnames=("capacity", "layout", *static))
+    state = prefill(padded, jax.random.key(seed), *dynamic, capacity=buckets.length(int(max_new_tokens)),
+                    layout=layout, **static)
     return Decoding(model.language_model, state, ids, int(max_new_tokens), static, dynamic)
 
 

@@ -19,6 +19,7 @@ from theworld_jax.generation import BucketPolicy, Decoding, start, stream_text
 from theworld_jax.inputs import Batch, InputSpec, prepare_batch
 from theworld_jax.io_safety import atomic_directory
 from theworld_jax.jit import jit_module
+from theworld_jax.modeling.theworld import batch_layout
 from theworld_jax.modeling.theworld import ForwardOutput, TheWorldModel, make_world_projector
 from theworld_jax.processing import add_world_tokens, load_processor, original_vocab_size
 from theworld_jax.weights.loader import abstract_params
@@ -163,18 +164,33 @@ class TheWorld:
 
     # ------------------------------------------------------------------ forward
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None,
-                 images=None, labels=None, position_ids=None) -> ForwardOutput:
+                 images=None, labels=None, position_ids=None, *, logits_to_keep=None,
+                 remat: str = "none") -> ForwardOutput:
         """Logits (B, L_out, V) of the (fused) sequence; `.loss` when labels are given.
 
         `images`: one per row, PIL images, (H, W, 3) uint8 arrays or (T, H, W, 3) clips, for the world
         branch (a single image or clip for a batch of one row). Without them (or with enable_world=False)
         this is exactly Gemma 3. The inputs are checked and converted by `theworld_jax.inputs.prepare_batch`.
+        logits_to_keep: None (all positions), an int N (the last N) or (B, K) positions of input_ids
+        (-1 = none; e.g. `fusion.labelled_positions(labels)`): logits (B, K, V) there, and the loss from
+        them alone. remat: a decoder remat policy name (modeling.gemma3_text.REMAT_POLICIES).
         """
         batch = prepare_batch(self.input_spec, input_ids, attention_mask, pixel_values=pixel_values,
                               token_type_ids=token_type_ids, labels=labels, position_ids=position_ids, images=images)
+        keep = logits_to_keep
+        if keep is not None and not isinstance(keep, int):
+            keep = np.asarray(keep, np.int32)
+            injected = batch.input_ids.shape[1] - np.shape(input_ids)[-1]
+            if injected:  # <sow><eow> went in after each row's first real token
+                first = np.argmax(np.asarray(batch.attention_mask) != 0, axis=1)[:, None]
+                keep = np.where(keep > first, keep + injected, keep)
+            keep = jnp.asarray(keep)
+        layout = batch_layout(batch, self.config.world_attention)
         if self.mesh is not None:
             batch = jax.tree.map(lambda v: jax.device_put(v, sharding.batch_sharding(self.mesh, v.shape)), batch)
-        return jit_module(_forward, self.model)(batch)
+        last = keep if isinstance(keep, int) else None  # static: it fixes the logits' shape
+        return jit_module(_forward, self.model, static_argnames=("last", "layout", "remat"))(
+            batch, None if last else keep, last=last, layout=layout, remat=remat)
 
     # ------------------------------------------------------------------ generation
     def generate(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None, images=None, *,
@@ -213,5 +229,6 @@ class TheWorld:
         return self.input_spec.world_tokens(frames)
 
 
-def _forward(model: TheWorldModel, batch: Batch) -> ForwardOutput:
-    return model.forward(**batch.model_inputs())
+def _forward(model: TheWorldModel, batch: Batch, keep, *, last, layout, remat) -> ForwardOutput:
+    return model.forward(**batch.model_inputs(), logits_to_keep=keep if last is None else last, layout=layout,
+                         remat=remat)

@@ -109,3 +109,37 @@ def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """
     total, count = causal_lm_loss_terms(logits, labels)
     return total / jnp.maximum(count, 1).astype(jnp.float32)
+
+
+def causal_lm_loss_at(logits: jax.Array, labels: jax.Array, positions: jax.Array) -> jax.Array:
+    """`causal_lm_loss` from the logits (B, K, V) of positions (B, K) only: each predicts labels[b, p + 1].
+
+    Positions -1, the last position and labels -100 are not counted; with every labelled position kept
+    this equals causal_lm_loss of the full logits.
+    """
+    if logits.ndim != 3 or positions.shape != logits.shape[:2] or labels.ndim != 2:
+        raise ValueError(f"logits must be (B, K, V), positions (B, K) and labels (B, L); got {tuple(logits.shape)}, "
+                         f"{tuple(positions.shape)} and {tuple(labels.shape)}")
+    target = jnp.take_along_axis(labels, jnp.clip(positions + 1, 0, labels.shape[1] - 1), axis=1)
+    target = jnp.where((positions >= 0) & (positions + 1 < labels.shape[1]), target, IGNORE_INDEX)
+    padded = jnp.concatenate([logits, jnp.zeros_like(logits[:, :1])], axis=1)  # causal_lm_loss drops the last
+    total, count = causal_lm_loss_terms(padded, jnp.concatenate([target[:, :1], target], axis=1))
+    return total / jnp.maximum(count, 1).astype(jnp.float32)
+
+
+def labelled_positions(labels, size: int | None = None) -> np.ndarray:
+    """Host (B, L) labels -> (B, K) int32 positions p whose next label labels[b, p + 1] is not -100, in order,
+    padded with -1; K = `size` or the largest count of a row. For `logits_to_keep` in training."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be (batch, length), got shape {labels.shape}")
+    wanted = labels[:, 1:] != IGNORE_INDEX
+    counts = wanted.sum(axis=1)
+    size = int(counts.max(initial=0)) if size is None else int(size)
+    if counts.max(initial=0) > size:
+        raise ValueError(f"a row has {int(counts.max())} labelled positions, more than size={size}")
+    out = np.full((labels.shape[0], max(size, 1)), -1, np.int32)
+    for row, where in enumerate(wanted):
+        picked = np.nonzero(where)[0]
+        out[row, :picked.size] = picked
+    return out

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from theworld_jax.attention import make_attention_mask
+from theworld_jax.attention import Layout, make_attention_mask
 from theworld_jax.config.gemma3 import Gemma3Config
 from theworld_jax.modeling.fusion import FusedBatch
 from theworld_jax.modeling.gemma3_text import Gemma3TextDecoder
@@ -34,6 +34,33 @@ def _is_concrete(x) -> bool:
 def _check_same_shape(name: str, value, input_shape: tuple[int, ...]) -> None:
     if value is not None and tuple(value.shape) != input_shape:
         raise ValueError(f"{name} must have the shape of input_ids {input_shape}, got {tuple(value.shape)}")
+
+
+def keep_positions(logits_to_keep, batch: int, length: int) -> jax.Array | None:
+    """The positions (B, K) int32 whose logits are wanted: None = all (returns None); an int N = the
+    last N; a (B, K) int array = those positions of each row (-1 = none: zero logits, no loss)."""
+    if logits_to_keep is None:
+        return None
+    if isinstance(logits_to_keep, (int, np.integer)):
+        if not 1 <= logits_to_keep <= length:
+            raise ValueError(f"logits_to_keep={logits_to_keep} must lie in [1, {length}] (the sequence length)")
+        return jnp.broadcast_to(jnp.arange(length - logits_to_keep, length, dtype=jnp.int32), (batch, logits_to_keep))
+    positions = jnp.asarray(logits_to_keep)
+    if positions.ndim != 2 or positions.shape[0] != batch or not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise ValueError(f"logits_to_keep must be None, an int or a (batch={batch}, K) integer array of positions, "
+                         f"got {getattr(logits_to_keep, 'shape', logits_to_keep)}")
+    if _is_concrete(positions) and positions.size and (int(positions.max()) >= length or int(positions.min()) < -1):
+        raise ValueError(f"logits_to_keep positions must lie in [0, {length}) (or -1 for none), got values from "
+                         f"{int(positions.min())} to {int(positions.max())}")
+    return positions.astype(jnp.int32)
+
+
+def take_positions(hidden: jax.Array, positions: jax.Array | None) -> jax.Array:
+    """hidden (B, L, D) at positions (B, K) -> (B, K, D); rows of position -1 are zero; None: all."""
+    if positions is None:
+        return hidden
+    picked = jnp.take_along_axis(hidden, jnp.maximum(positions, 0)[..., None], axis=1)
+    return jnp.where(positions[..., None] >= 0, picked, jnp.zeros((), hidden.dtype))
 
 
 class Gemma3Model(nnx.Module):
@@ -106,11 +133,16 @@ class Gemma3Model(nnx.Module):
 
     def decode_embeds(self, embeds: jax.Array, attention_mask: jax.Array | None = None,
                       token_type_ids: jax.Array | None = None, position_ids: jax.Array | None = None,
-                      *, implementation: str = "xla") -> jax.Array:
-        """Run the text decoder on ready embeddings (B, L, D) -> logits (B, L, V) float32.
+                      *, logits_to_keep=None, layout: Layout | None = None, remat: str = "none",
+                      implementation: str | None = None) -> jax.Array:
+        """Run the text decoder on ready embeddings (B, L, D) -> logits (B, L, V) float32, or (B, K, V) at
+        the positions `logits_to_keep` names (see keep_positions).
 
         attention_mask (B, L) 1 = token, 0 = padding (default all ones); token_type_ids (B, L) 1 on image
         soft tokens (bidirectional blocks) or None (purely causal); position_ids default from the mask.
+        layout: the static block bound of the fast attention path (theworld_jax.attention.Layout; by
+        default derived from host token_type_ids); remat: a decoder remat policy name; implementation:
+        the attention kernel (None picks).
         """
         b, length = embeds.shape[:2]
         if length > self.config.text.max_position_embeddings:
@@ -123,14 +155,16 @@ class Gemma3Model(nnx.Module):
             attention_mask = jnp.ones((b, length), jnp.int32)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)
-        mask = make_attention_mask(attention_mask, token_type_ids)
-        hidden, _ = self.language_model(embeds, positions=position_ids, mask=mask,
+        keep = keep_positions(logits_to_keep, b, length)
+        mask = make_attention_mask(attention_mask, token_type_ids, layout=layout)
+        hidden, _ = self.language_model(embeds, positions=position_ids, mask=mask, remat=remat,
                                         implementation=implementation)
-        return self.language_model.logits(hidden)
+        return self.language_model.logits(take_positions(hidden, keep))
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  pixel_values: jax.Array | None = None, token_type_ids: jax.Array | None = None,
-                 position_ids: jax.Array | None = None, *, implementation: str = "xla") -> jax.Array:
+                 position_ids: jax.Array | None = None, *, logits_to_keep=None, layout: Layout | None = None,
+                 remat: str = "none", implementation: str | None = None) -> jax.Array:
         """input_ids (B, L) -> logits (B, L, V) float32 (see decode_embeds for the other inputs)."""
         if getattr(input_ids, "ndim", None) != 2 or 0 in input_ids.shape:
             raise ValueError(f"input_ids must be a non-empty (batch, length) array, got shape "
@@ -146,4 +180,5 @@ class Gemma3Model(nnx.Module):
                 raise ValueError(f"token ids must lie in [0, {vocab}), got values from {ids.min()} to {ids.max()}")
         embeds = self.embed_inputs(jnp.asarray(input_ids), pixel_values)
         return self.decode_embeds(embeds, attention_mask, token_type_ids, position_ids,
+                                  logits_to_keep=logits_to_keep, layout=layout, remat=remat,
                                   implementation=implementation)

@@ -15,6 +15,22 @@ from theworld_jax.config.gemma3 import Gemma3TextConfig, RopeConfig
 from theworld_jax.modeling.kv_cache import KVCache, LayerCache, cached_attention
 from theworld_jax.modeling.layers import Einsum, Embedding, GatedMLP, RMSNorm, apply_rope, rope_tables
 
+# Rematerialisation of each decoder layer in the backward pass (name -> jax.checkpoint policy):
+# "none" keeps every activation (fastest backward, most memory); "dots_saveable" keeps the matmul outputs
+# and recomputes norms, RoPE, attention and activations; "full" keeps only each layer's input and
+# recomputes the whole layer (least memory, about one more forward pass).
+REMAT_POLICIES = {
+    "none": None,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def check_remat(remat: str) -> str:
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; expected one of {list(REMAT_POLICIES)}")
+    return remat
+
 
 class Gemma3Attention(nnx.Module):
     """Self-attention of one layer: q/k/v projections, q/k RMSNorm, RoPE, GQA, output projection."""
@@ -32,7 +48,7 @@ class Gemma3Attention(nnx.Module):
         self.scale = config.query_scale
 
     def __call__(self, x, rope: tuple[jax.Array, jax.Array], mask: AttentionMask, cache: LayerCache | None,
-                 prefilled: bool, implementation: str) -> tuple[jax.Array, LayerCache | None]:
+                 prefilled: bool, implementation: str | None) -> tuple[jax.Array, LayerCache | None]:
         """x (B,T,D), rope (cos, sin) (B,T,H) -> ((B,T,D), updated cache or None)."""
         cos, sin = rope
         q = apply_rope(self.q_norm(self.q_proj.matmul(x, 1)), cos, sin)  # BTD,DNH->BTNH
@@ -92,11 +108,20 @@ class Gemma3TextDecoder(nnx.Module):
         return self.embed_tokens.attend(hidden)
 
     def __call__(self, embeds: jax.Array, *, positions: jax.Array, mask: AttentionMask,
-                 cache: KVCache | None = None, implementation: str = "xla") -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | None = None, implementation: str | None = None,
+                 remat: str = "none") -> tuple[jax.Array, KVCache | None]:
         """embeds (B, L, D) (text tokens already scaled), positions (B, L) int RoPE positions, `mask` over
         these L tokens (and, without a cache, as keys too) -> (hidden (B, L, D) after the final norm,
-        the cache with these tokens stored, or None)."""
+        the cache with these tokens stored, or None). implementation: the attention kernel (None picks,
+        see theworld_jax.attention); remat: a name of REMAT_POLICIES."""
         self._check_inputs(embeds, positions, mask, cache)
+        prefilled = cache is not None and cache.prefilled
+
+        def run_layer(layer, x, rope, mask, layer_cache):
+            return layer(x, rope, mask, layer_cache, prefilled, implementation)
+
+        if REMAT_POLICIES[check_remat(remat)] is not None:
+            run_layer = nnx.remat(run_layer, policy=REMAT_POLICIES[remat])
         x = embeds.astype(self.dtype)
         ropes: dict[RopeConfig, tuple[jax.Array, jax.Array]] = {}
         new_layers = []
@@ -105,8 +130,7 @@ class Gemma3TextDecoder(nnx.Module):
             if rope not in ropes:
                 ropes[rope] = rope_tables(positions, rope, self.config.head_dim, self.dtype)
             layer_cache = None if cache is None else cache.layers[i]
-            prefilled = cache is not None and cache.prefilled
-            x, layer_cache = layer(x, ropes[rope], mask, layer_cache, prefilled, implementation)
+            x, layer_cache = run_layer(layer, x, ropes[rope], mask, layer_cache)
             new_layers.append(layer_cache)
         hidden = self.norm(x)
         new_cache = None if cache is None else KVCache(layers=tuple(new_layers), prefilled=True)

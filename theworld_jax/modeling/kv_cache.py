@@ -97,7 +97,7 @@ class KVCache:
 
 def cached_attention(cache: LayerCache, prefilled: bool, q: jax.Array, k: jax.Array, v: jax.Array,
                      mask: AttentionMask, *, window: int | None, scale: float,
-                     implementation: str = "xla") -> tuple[jax.Array, LayerCache]:
+                     implementation: str | None = None) -> tuple[jax.Array, LayerCache]:
     """Attention of T new tokens through one layer's cache. q (B,T,N,H), k/v (B,T,K,H), `mask` over
     the new tokens only -> (out (B,T,N,H), the cache with the new tokens stored)."""
     t = q.shape[1]

@@ -3,7 +3,7 @@
 pixel_values (B, C, S, S) -> patch embedding (a 'valid' conv with stride = kernel = patch, as an einsum
 over non-overlapping patches) + learned position embedding -> pre-LN encoder blocks (MHA with biases,
 no mask; tanh-GELU MLP) -> post_layernorm -> (B, P, D), P = (S / patch)**2 in row-major patch order.
-LayerNorms and softmax run in float32; everything else in the parameter dtype.
+LayerNorms and the attention softmax run in float32; everything else in the parameter dtype.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from theworld_jax.attention import dot_product_attention
 from theworld_jax.config.gemma3 import SiglipVisionConfig
 
 _init = nnx.initializers.normal(0.02)
@@ -54,9 +55,7 @@ class SiglipAttention(nnx.Module):
         q = jnp.einsum("BTD,DNH->BTNH", x, self.q_kernel[...]) + self.q_bias[...]
         k = jnp.einsum("BSD,DNH->BSNH", x, self.k_kernel[...]) + self.k_bias[...]
         v = jnp.einsum("BSD,DNH->BSNH", x, self.v_kernel[...]) + self.v_bias[...]
-        logits = jnp.einsum("BTNH,BSNH->BNTS", q, k).astype(jnp.float32) * self.scale
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        ctx = jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+        ctx = dot_product_attention(q, k, v, None, window=None, scale=self.scale)
         return jnp.einsum("BTNH,NHD->BTD", ctx, self.out_kernel[...]) + self.out_bias[...]
 
 

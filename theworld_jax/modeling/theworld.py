@@ -9,21 +9,24 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
+from theworld_jax.attention import Layout, block_layout
 from theworld_jax.config.gemma3 import Gemma3Config
 from theworld_jax.config.theworld import TheWorldConfig
 from theworld_jax.config.wan_vae import WanVAEConfig
 from theworld_jax.modeling.cosmos_vae import CosmosVAE
-from theworld_jax.modeling.fusion import FusedBatch, causal_lm_loss, splice_world
-from theworld_jax.modeling.gemma3 import Gemma3Model
+from theworld_jax.modeling.fusion import FusedBatch, causal_lm_loss, causal_lm_loss_at, splice_world
+from theworld_jax.modeling.gemma3 import Gemma3Model, keep_positions
 from theworld_jax.modeling.world_projector import WorldProjector, latents_to_tokens, projector_in_features
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ForwardOutput:
-    """logits (B, L_out, V) float32; loss () when labels were given; the fused attention_mask (B, L_out)."""
+    """logits (B, L_out, V) float32 (B, K, V with logits_to_keep); loss () when labels were given; the fused
+    attention_mask (B, L_out)."""
 
     logits: jax.Array
     loss: jax.Array | None = None
@@ -78,13 +81,38 @@ class TheWorldModel(nnx.Module):
                             sow_id=self.config.sow_token_id, world_attention=self.config.world_attention)
 
     def forward(self, input_ids, attention_mask, *, pixel_values=None, token_type_ids=None, labels=None,
-                video=None, position_ids=None) -> ForwardOutput:
-        """input_ids/attention_mask (B, L) (world tokens already injected on the host when video is given)."""
+                video=None, position_ids=None, logits_to_keep=None, layout: Layout | None = None,
+                remat: str = "none", implementation: str | None = None) -> ForwardOutput:
+        """input_ids/attention_mask (B, L) (world tokens already injected on the host when video is given).
+
+        logits_to_keep: None (all), an int N (the last N fused positions) or (B, K) positions of input_ids
+        (-1 = none), mapped past the world tokens; the loss then uses those logits only (each predicts the
+        next label). layout: the fast attention path's static block bound of the fused sequence (default:
+        from host token_type_ids plus the world block when world_attention="bidirectional"); remat: a
+        decoder remat policy name; implementation: the attention kernel (None picks).
+        """
         fused = self.lm_inputs(input_ids, attention_mask, pixel_values=pixel_values, token_type_ids=token_type_ids,
                                labels=labels, video=video)
+        config = self.config
+        b, length = fused.attention_mask.shape
+        world = length - input_ids.shape[1]
+        keep = logits_to_keep
+        if keep is not None and not isinstance(keep, int):
+            keep = jnp.asarray(keep)
+            if world:
+                sow = jnp.argmax(input_ids == config.sow_token_id, axis=1)[:, None]
+                keep = jnp.where(keep > sow, keep + world, keep)
+        keep = keep_positions(keep, b, length)
+        if layout is None:
+            bidirectional = world and config.world_attention == "bidirectional"
+            layout = block_layout(token_type_ids, attention_mask, extra_blocks=(world,) if bidirectional else ())
         positions = fused.positions if position_ids is None else position_ids
-        logits = self.gemma.decode_embeds(fused.embeds, fused.attention_mask, fused.token_type_ids, positions)
-        loss = causal_lm_loss(logits, fused.labels) if labels is not None else None
+        logits = self.gemma.decode_embeds(fused.embeds, fused.attention_mask, fused.token_type_ids, positions,
+                                          logits_to_keep=keep, layout=layout, remat=remat,
+                                          implementation=implementation)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, fused.labels) if keep is None else causal_lm_loss_at(logits, fused.labels, keep)
         return ForwardOutput(logits=logits, loss=loss, attention_mask=fused.attention_mask)
 
 
@@ -95,3 +123,10 @@ def make_world_projector(config: TheWorldConfig, gemma_config: Gemma3Config, vae
                                         config.vae_image_size, vae_config.spatial_factor)
     return WorldProjector(in_features, gemma_config.text.hidden_size, config.projection_architecture,
                           dtype=dtype, rngs=rngs)
+
+
+def batch_layout(batch, world_attention: str) -> Layout | None:
+    """The fast attention path's static block bound (attention.Layout) for a prepared `inputs.Batch`: the
+    runs of its host token_type_ids, plus the world block when world_attention is "bidirectional"."""
+    extra = (batch.world_tokens,) if batch.world_tokens and world_attention == "bidirectional" else ()
+    return block_layout(batch.token_type_ids, batch.attention_mask, extra_blocks=extra)

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from theworld_jax.attention import dot_product_attention
+
 CACHE_FRAMES = 2  # past frames a causal 3-tap conv sees
 
 
@@ -143,10 +145,8 @@ class AttentionBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, cache: FeatCache | None = None) -> jax.Array:
         b, t, h, w, c = x.shape
-        q, k, v = jnp.split(self.to_qkv(self.norm(x)).reshape(b * t, h * w, 3 * c), 3, axis=-1)
-        logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(c)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bqk,bkc->bqc", probs, v)
+        q, k, v = jnp.split(self.to_qkv(self.norm(x)).reshape(b * t, h * w, 1, 3 * c), 3, axis=-1)
+        out = dot_product_attention(q, k, v, None, window=None, scale=1 / math.sqrt(c))
         return x + self.proj(out).reshape(b, t, h, w, c)
 
 
