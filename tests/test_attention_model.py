@@ -1,0 +1,74 @@
+"""logits_to_keep (logits and loss at chosen positions) and the decoder's remat policies, on tiny models."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+from tiny_gemma import build_processor, build_tiny_gemma3, save_tiny_gemma3
+from tiny_text_decoder import build_hf, load_decoder, save_language_model
+from tiny_vae import make_tiny_vae
+
+from theworld_jax import TheWorld
+from theworld_jax.attention import make_attention_mask
+from theworld_jax.modeling.fusion import labelled_positions
+from theworld_jax.modeling.gemma3_text import REMAT_POLICIES
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("keep")
+    processor = build_processor()
+    save_tiny_gemma3(build_tiny_gemma3(), processor, str(root / "gemma"), layout="hub")
+    make_tiny_vae(str(root / "vae"), "cosmos_like")
+    return TheWorld.from_pretrained(str(root / "gemma"), enable_world=True, cosmos_model_name=str(root / "vae"),
+                                    dtype=jnp.float32, vae_image_size=(32, 32), world_attention="bidirectional")
+
+
+def test_loss_from_labelled_positions_equals_full_loss(world):
+    """Left-padded rows with a Gemma image each and a bidirectional world block: the loss from the logits
+    at the labelled positions alone equals the full-logits loss; logits_to_keep=1 gives the last logits."""
+    texts = ["<bos>Hello <start_of_image> what is this?", "<bos>A cat <start_of_image> sits on a red chair"]
+    images = [[Image.fromarray(np.full((40, 50, 3), 60 * i, np.uint8))] for i in (1, 2)]
+    enc = dict(world.processor(text=texts, images=images, padding=True, return_tensors="np"))
+    labels = np.where(enc["attention_mask"] == 1, enc["input_ids"], -100)
+    labels[:, :-4] = -100  # the last four tokens are predicted from positions L-5 .. L-2
+    clips = [np.random.RandomState(i).randint(0, 256, (48, 40, 3), np.uint8) for i in range(2)]
+    full = world(**enc, labels=labels, images=clips)
+    keep = labelled_positions(labels)
+    assert keep.shape == (2, 4)
+    kept = world(**enc, labels=labels, images=clips, logits_to_keep=keep)
+    assert kept.logits.shape == (2, 4, full.logits.shape[2])
+    np.testing.assert_allclose(float(kept.loss), float(full.loss), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(kept.logits), np.asarray(full.logits[:, -5:-1]), atol=1e-5)
+    last = world(**enc, images=clips, logits_to_keep=1)
+    np.testing.assert_allclose(np.asarray(last.logits), np.asarray(full.logits[:, -1:]), atol=1e-5)
+
+
+def test_remat_policies_give_the_same_gradients(tmp_path):
+    hf, config = build_hf()
+    decoder = load_decoder(config, save_language_model(hf, str(tmp_path)))
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(10, 280, (2, 20)), jnp.int32)
+    attention_mask = np.ones((2, 20), np.int32)
+    attention_mask[0, :4] = 0
+    types = np.zeros((2, 20), np.int32)
+    types[1, 5:11] = 1
+    mask = make_attention_mask(attention_mask, types)
+    positions = jnp.asarray(np.clip(np.cumsum(attention_mask, 1) - 1, 0, None), jnp.int32)
+    weights = jnp.asarray(rng.standard_normal((2, 20, config.vocab_size)), jnp.float32)
+
+    @nnx.jit(static_argnames="remat")
+    def grads(model, remat):
+        def loss(model):
+            hidden, _ = model(model.embed(ids), positions=positions, mask=mask, remat=remat)
+            return jnp.sum(model.logits(hidden) * weights)
+        return nnx.grad(loss)(model)
+
+    ref = jax.tree.leaves(grads(decoder, "none"))
+    for remat in REMAT_POLICIES:  # recomputation reorders float32 sums: compare relative norms (measured ~1e-6)
+        for ours, theirs in zip(jax.tree.leaves(grads(decoder, remat)), ref):
+            assert float(jnp.linalg.norm(ours - theirs) / jnp.linalg.norm(theirs)) < 1e-5, remat
+    with pytest.raises(ValueError, match="unknown remat policy"):
+        decoder(decoder.embed(ids), positions=positions, mask=mask, remat="most")
