@@ -179,6 +179,7 @@ def jax_side(z, parts, repeats, remat8):
     from theworld_jax.config.theworld import TheWorldConfig
     from theworld_jax.config.wan_vae import WanVAEConfig
     from theworld_jax.generation import start
+    from theworld_jax.inputs import Batch
     from theworld_jax.modeling.fusion import labelled_positions
     from theworld_jax.modeling.theworld import TheWorldModel
 
@@ -205,7 +206,7 @@ def jax_side(z, parts, repeats, remat8):
     if "forward" in parts:
         x, layout, keep = device_batch(1)
         fwd = jax.jit(lambda s, x, keep, last: nnx.merge(graphdef, s).forward(
-            **x, logits_to_keep=keep if last is None else last, layout=layout, config=config).logits,
+            **x, logits_to_keep=keep if last is None else last, layout=layout).logits,
             static_argnums=3)
         for name, args in (("full", (None, None)), ("last", (None, 1)), ("labelled", (keep, None))):
             first, s = med(lambda: fwd(state, x, *args), wait, 1, repeats)
@@ -214,7 +215,8 @@ def jax_side(z, parts, repeats, remat8):
             log(f"jax forward {name}: {s * 1e3:.1f} ms (first call {first:.1f} s)")
         ids = np.random.RandomState(1).randint(*z["text"], (1, z["prompt"]))
         gemma_split = nnx.split(model.gemma)
-        first, s = med(lambda: start(model.gemma, ids, max_new_tokens=1, split=gemma_split)._state.tokens, wait, 1,
+        prompt = Batch(input_ids=ids.astype(np.int32), attention_mask=np.ones(ids.shape, np.int32))
+        first, s = med(lambda: start(model.gemma, prompt, max_new_tokens=1, split=gemma_split)._state.tokens, wait, 1,
                        repeats)
         out["prefill_b1_ms"], out["prefill_b1_first_s"] = s * 1e3, first
         log(f"jax prefill: {s * 1e3:.1f} ms (first {first:.1f} s)")
@@ -227,7 +229,7 @@ def jax_side(z, parts, repeats, remat8):
 
             def loss_fn(params, frozen, x, keep):
                 m = nnx.merge(graphdef2, params, frozen)
-                return m.forward(**x, logits_to_keep=keep, layout=layout, remat=remat, config=config).loss
+                return m.forward(**x, logits_to_keep=keep, layout=layout, remat=remat).loss
 
             @jax.jit
             def step(params, opt_state, frozen, x, keep):

@@ -3,8 +3,9 @@
 Each sample becomes `[..., BOS, <sow>, world x N, <eow>, rest...]`: the world tokens go right after the
 row's own <start_of_world>, wherever it is (left padding, different prompts).
 
-Device side only (jit-able, static shapes, no per-row loop): `splice_world`, `causal_lm_loss`. The host
-half (marker validation, injection after BOS) is `theworld_jax.inputs`.
+Device side (jit-able, static shapes, no per-row loop): `splice_world`, `causal_lm_loss`,
+`causal_lm_loss_at`; one host helper for it, `labelled_positions`. The host half (marker validation,
+injection after BOS) is `theworld_jax.inputs`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from theworld_jax.config.theworld import WorldAttention
 

@@ -117,11 +117,17 @@ class Gemma3TextDecoder(nnx.Module):
         self._check_inputs(embeds, positions, mask, cache)
         prefilled = cache is not None and cache.prefilled
 
-        def run_layer(layer, x, rope, mask, layer_cache):
-            return layer(x, rope, mask, layer_cache, prefilled, implementation)
+        policy = REMAT_POLICIES[check_remat(remat)]
 
-        if REMAT_POLICIES[check_remat(remat)] is not None:
-            run_layer = nnx.remat(run_layer, policy=REMAT_POLICIES[remat])
+        def run_layer(layer, x, rope, mask, layer_cache):
+            if policy is None:
+                return layer(x, rope, mask, layer_cache, prefilled, implementation)
+            graphdef, state = nnx.split(layer)  # a pure function of the layer's state: safe under any transform
+
+            def pure(state, x, rope, mask, layer_cache):
+                return nnx.merge(graphdef, state)(x, rope, mask, layer_cache, prefilled, implementation)
+
+            return jax.checkpoint(pure, policy=policy)(state, x, rope, mask, layer_cache)
         x = embeds.astype(self.dtype)
         ropes: dict[RopeConfig, tuple[jax.Array, jax.Array]] = {}
         new_layers = []
