@@ -9,7 +9,7 @@ block at real token 2), row 1 left-padded by 100. Rows:
 - the XLA einsum path (the oracle) in bf16.
 Parity: the decomposition's logic in float32 (jax.nn's XLA backend: cuDNN has no float32 kernel) against
 the float32 oracle, outputs and gradients, max |diff| over real rows; the bf16 fast path and the bf16
-oracle against the float32 oracle, relative L2 (DESIGN's bf16 bound 2e-2).
+oracle against the float32 oracle, relative L2 (the bf16 bound of docs/design.md: 2e-2).
 
     python bench/attention_layer_gpu.py --out bench/results/attention_layer_gpu   # GPU
     python bench/attention_layer_gpu.py --tiny                                     # CPU, small shapes
