@@ -189,8 +189,8 @@ def jax_side(z, parts, repeats, remat8):
     vae_config = WanVAEConfig.from_dict(z["vae"])
     config = TheWorldConfig(sow_token_id=z["sow"], eow_token_id=z["eow"], vae_image_size=(z["vae_size"],) * 2)
     t0 = time.perf_counter()
-    model = nnx.jit(lambda: TheWorldModel.create(config, gemma_config, vae_config, dtype=jnp.bfloat16,
-                                                 rngs=nnx.Rngs(0)))()
+    model = random_model(lambda: TheWorldModel.create(config, gemma_config, vae_config, dtype=jnp.bfloat16,
+                                                      rngs=nnx.Rngs(0)))
     log(f"jax model built in {time.perf_counter() - t0:.1f} s")
     graphdef, state = nnx.split(model)
     wait = jax.block_until_ready
@@ -262,6 +262,20 @@ def jax_side(z, parts, repeats, remat8):
             del opt_state
             gc.collect()
     return out
+
+
+def random_model(create):
+    """The module `create` builds, every parameter drawn N(0, 0.02^2) by one small jit per shape (jitting
+    the whole initialiser took minutes to compile)."""
+    import jax
+    from flax import nnx
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(create))
+    leaves, treedef = jax.tree.flatten(abstract)
+    draw = jax.jit(lambda key, shape, dtype: (0.02 * jax.random.normal(key, shape)).astype(dtype), static_argnums=(1, 2))
+    keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
+    leaves = [draw(key, leaf.shape, leaf.dtype) for key, leaf in zip(keys, leaves)]
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
 
 
 def flops(z: dict, keep: int | None) -> dict:
