@@ -214,9 +214,8 @@ def jax_side(z, parts, repeats, remat8):
             out[f"forward_b1_{name}_first_s"] = first
             log(f"jax forward {name}: {s * 1e3:.1f} ms (first call {first:.1f} s)")
         ids = np.random.RandomState(1).randint(*z["text"], (1, z["prompt"]))
-        gemma_split = nnx.split(model.gemma)
         prompt = Batch(input_ids=ids.astype(np.int32), attention_mask=np.ones(ids.shape, np.int32))
-        first, s = med(lambda: start(model.gemma, prompt, max_new_tokens=1, split=gemma_split)._state.tokens, wait, 1,
+        first, s = med(lambda: start(model.gemma, prompt, max_new_tokens=1)._state.tokens, wait, 1,
                        repeats)
         out["prefill_b1_ms"], out["prefill_b1_first_s"] = s * 1e3, first
         log(f"jax prefill: {s * 1e3:.1f} ms (first {first:.1f} s)")
