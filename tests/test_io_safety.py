@@ -149,8 +149,12 @@ def test_an_old_target_whose_swap_finished_is_removed(tmp_path):
     assert os.listdir(tmp_path) == ["out"]
 
 
+# The writer restores the default dispositions first: a test run started under nohup or in the
+# background inherits SIGHUP / SIGINT as ignored, which the library rightly leaves alone.
 _WRITER = textwrap.dedent("""
-    import os, sys, time
+    import os, signal, sys, time
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     from theworld_jax.io_safety import atomic_directory
     with atomic_directory(sys.argv[1], overwrite=True) as tmp:
         open(os.path.join(tmp, "half.txt"), "w").close()
