@@ -1,30 +1,14 @@
-"""Shared pieces of the GPU scripts: the gemma-3-4b-it config, prompt ids, a timestamped log."""
+"""Shared pieces of the GPU scripts: the gemma-3-4b-it config, prompt ids, a timestamped log, timing."""
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
 
-# google/gemma-3-4b-it (its hub config.json).
-_N_LAYERS = 34
-GEMMA3_4B_CONFIG = dict(
-    text_config=dict(
-        vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=_N_LAYERS,
-        num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
-        sliding_window=1024, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh", attention_bias=False,
-        attn_logit_softcapping=None, final_logit_softcapping=None, max_position_embeddings=131072,
-        layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(_N_LAYERS)],
-        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}},
-        tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2),
-    vision_config=dict(
-        hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-        image_size=896, patch_size=14, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
-        vision_use_head=False),
-    mm_tokens_per_image=256, boi_token_index=255999, eoi_token_index=256000, image_token_index=262144,
-    eos_token_id=[1, 106],
-)
+from tests.helpers.full_size import GEMMA3_4B_CONFIG  # noqa: F401 (re-exported for the GPU scripts)
+
 TEXT_IDS = (3, 255999)  # random prompt words: no pad/eos/bos, below the image ids
 
 _T0 = time.perf_counter()
@@ -34,11 +18,29 @@ def log(message: str) -> None:
     print(f"[{time.perf_counter() - _T0:7.1f}s] {message}", flush=True)
 
 
+def timed(fn, wait=lambda out: out, repeats: int = 3, warmup: int = 0):
+    """(result of the first call, first-call seconds, median seconds of `repeats` timed calls, their
+    seconds). `wait(result)` blocks until the result is computed (CUDA sync, jax.block_until_ready);
+    `warmup` more untimed calls run between the first call and the timed ones."""
+    t0 = time.perf_counter()
+    out = fn()
+    wait(out)
+    first = time.perf_counter() - t0
+    for _ in range(warmup):
+        wait(fn())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        wait(fn())
+        times.append(time.perf_counter() - t0)
+    return out, first, statistics.median(times), times
+
+
 def hf_config(tiny: bool):
     import transformers
 
     if tiny:
-        from tiny_gemma import tiny_gemma3_config
+        from tests.helpers.tiny_gemma import tiny_gemma3_config
         return tiny_gemma3_config()
     return transformers.Gemma3Config(**GEMMA3_4B_CONFIG)
 

@@ -7,8 +7,8 @@ written to a temp dir as safetensors in the hub key layout; the torch model is f
 the directory through `load_gemma3` and computes its logits. One prompt of --seq-len tokens holding one
 896x896 random image (256 soft tokens, token_type_ids given).
 
-    python bench/gemma3_gpu_parity.py --out bench/results/gemma3_gpu_parity      # on a GPU
-    python bench/gemma3_gpu_parity.py --tiny --out /tmp/gemma3_parity             # same path, CPU, tiny
+    python -m bench.gemma3_gpu_parity --out bench/results/gemma3_gpu_parity      # on a GPU
+    python -m bench.gemma3_gpu_parity --tiny --out /tmp/gemma3_parity             # same path, CPU, tiny
 
 Reports max |logit diff|, max |ref|, relative errors, top-1 agreement over all positions, and each
 side's forward wall time (first call, median of 3 warm calls), as JSON and markdown under --out.
@@ -21,8 +21,6 @@ import gc
 import json
 import os
 import platform
-import statistics
-import sys
 import tempfile
 import time
 
@@ -33,11 +31,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch holds G
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
-sys.path.insert(0, os.path.join(REPO, "bench"))
-
-from common import TEXT_IDS, hf_config, log, randomize_gemma  # noqa: E402
+from bench.common import TEXT_IDS, hf_config, log, randomize_gemma, timed  # noqa: E402
 
 IMAGE_AT = 100  # the image's <start_of_image> position: most text lies further than a window behind it
 
@@ -60,23 +54,9 @@ def make_inputs(config, seq_len: int, seed: int, tiny: bool) -> dict[str, np.nda
                 token_type_ids=(ids == config.image_token_id).astype(np.int64))
 
 
-def timed(fn, wait, repeats: int = 3):
-    """(first result, first-call seconds, median seconds of `repeats` warm calls)."""
-    t0 = time.perf_counter()
-    out = fn()
-    wait(out)
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        wait(fn())
-        times.append(time.perf_counter() - t0)
-    return out, first, statistics.median(times)
-
-
 def run_torch(args, config, inputs, workdir: str) -> tuple[np.ndarray, dict]:
     import transformers
-    from tiny_gemma import save_tiny_gemma3
+    from tests.helpers.tiny_gemma import save_tiny_gemma3
 
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -94,7 +74,7 @@ def run_torch(args, config, inputs, workdir: str) -> tuple[np.ndarray, dict]:
     sync = (lambda _: torch.cuda.synchronize()) if device == "cuda" else (lambda _: None)
     log("torch forward")
     with torch.no_grad():
-        out, first, warm = timed(lambda: model(**batch).logits, sync)
+        out, first, warm, _ = timed(lambda: model(**batch).logits, sync)
     logits = out.float().cpu().numpy()
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     del model, out, batch
@@ -122,7 +102,7 @@ def run_jax(args, inputs, workdir: str) -> tuple[np.ndarray, dict]:
     batch = [jnp.asarray(inputs[k]) for k in ("input_ids", "attention_mask", "pixel_values", "token_type_ids")]
     batch[0], batch[1], batch[3] = (x.astype(jnp.int32) for x in (batch[0], batch[1], batch[3]))
     log("jax forward")
-    out, first, warm = timed(lambda: forward(model, *batch), jax.block_until_ready)
+    out, first, warm, _ = timed(lambda: forward(model, *batch), jax.block_until_ready)
     logits = np.asarray(out)
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")

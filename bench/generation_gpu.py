@@ -18,8 +18,8 @@ depend on the values, so the two sides need not share them. Same card, same run,
 
 Every timing: one warm-up call (its time is reported as the first call), then the median of --repeats.
 
-    python bench/generation_gpu.py --out bench/results/generation_gpu        # on a GPU
-    python bench/generation_gpu.py --tiny --out /tmp/generation_gpu           # same path, CPU, tiny
+    python -m bench.generation_gpu --out bench/results/generation_gpu        # on a GPU
+    python -m bench.generation_gpu --tiny --out /tmp/generation_gpu           # same path, CPU, tiny
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,11 +39,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(BENCH), "tests"))
-sys.path.insert(0, BENCH)
-
-from common import TEXT_IDS, hf_config, log  # noqa: E402
+from bench.common import TEXT_IDS, hf_config, log, timed  # noqa: E402
 
 
 def prompt_ids(batch: int, length: int, bos: int, tiny: bool, seed: int) -> np.ndarray:
@@ -52,22 +47,6 @@ def prompt_ids(batch: int, length: int, bos: int, tiny: bool, seed: int) -> np.n
     ids = np.random.default_rng(seed).integers(low, high, (batch, length))
     ids[:, 0] = bos
     return ids.astype(np.int64)
-
-
-def timed(fn, repeats: int) -> tuple[float, float, list[float]]:
-    """(first call seconds, median of `repeats` more, all of them); fn blocks until its work is done."""
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return first, statistics.median(times), times
-
-
-# ---------------------------------------------------------------- transformers
 
 
 def run_torch(args, config, device: str) -> dict:
@@ -99,9 +78,9 @@ def run_torch(args, config, device: str) -> dict:
             return res
 
         log(f"transformers B={b}: prefill (generate 1)")
-        p_first, prefill, p_all = timed(lambda: gen(1), args.repeats)
+        _, p_first, prefill, p_all = timed(lambda: gen(1), repeats=args.repeats)
         log(f"transformers B={b}: generate {args.new_tokens}")
-        g_first, full, g_all = timed(lambda: gen(args.new_tokens), args.repeats)
+        _, g_first, full, g_all = timed(lambda: gen(args.new_tokens), repeats=args.repeats)
         step = (full - prefill) / (args.new_tokens - 1)
         out[b] = dict(prefill_s=prefill, prefill_first_s=p_first, prefill_all_s=p_all, generate_s=full,
                       generate_first_s=g_first, generate_all_s=g_all, decode_step_s=step,
@@ -190,11 +169,11 @@ def run_jax(args, config) -> dict:
     for b in args.batches:
         batch = prepare_batch(spec, prompt_ids(b, args.prompt_len, cfg.text.bos_token_id, args.tiny, args.seed))
         log(f"theworld_jax B={b}: prefill")
-        p_first, prefill, p_all = timed(lambda: generation.start(model, batch, **kw), args.repeats)
+        _, p_first, prefill, p_all = timed(lambda: generation.start(model, batch, **kw), repeats=args.repeats)
         decodings = [generation.start(model, batch, **kw) for _ in range(args.repeats + 1)]
         cache_bytes = tree_bytes(decodings[0]._state.cache)
         log(f"theworld_jax B={b}: decode {args.new_tokens - 1} steps")
-        d_first, decode, d_all = timed(lambda: _advance_all(decodings.pop()), args.repeats)
+        _, d_first, decode, d_all = timed(lambda: _advance_all(decodings.pop()), repeats=args.repeats)
         step = decode / (args.new_tokens - 1)
         bytes_per_step = weight_bytes + cache_bytes
         floor = bytes_per_step / bandwidth["bytes_per_s"]
@@ -289,7 +268,7 @@ def run_world(args, model, cfg) -> dict:
                   world_tokens=n_world)
     kw = dict(max_new_tokens=args.new_tokens, eos_token_id=())
     log(f"theworld_jax fused prefill: {ids.shape[1]} ids + {n_world} world tokens")
-    first, prefill, times = timed(lambda: generation.start(world_model, batch, **kw), args.repeats)
+    _, first, prefill, times = timed(lambda: generation.start(world_model, batch, **kw), repeats=args.repeats)
     log(f"  fused prefill {1e3 * prefill:.1f} ms")
     del world_model, vae
     jax.clear_caches()

@@ -7,8 +7,8 @@ image (512x512 -> 4096 world tokens): about 4,400 fused tokens. The checkpoints 
 (Gemma in the hub layout, the VAE with save_pretrained, the projector as an upstream TheWorld checkpoint)
 and the JAX side loads them through the public API, `TheWorld.from_pretrained(upstream_dir, ...)`.
 
-    python bench/theworld_gpu_parity.py --out bench/results/theworld_gpu_parity     # on a GPU
-    python bench/theworld_gpu_parity.py --tiny --out /tmp/parity                     # same path, CPU, tiny
+    python -m bench.theworld_gpu_parity --out bench/results/theworld_gpu_parity     # on a GPU
+    python -m bench.theworld_gpu_parity --tiny --out /tmp/parity                     # same path, CPU, tiny
 
 Reports max |logit diff|, max |ref|, relative errors and top-1 agreement over valid positions, the loss
 on both sides, and each side's forward wall time (first call, median of 3).
@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -37,13 +36,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
 
-import theworld_reference as ref  # noqa: E402
-
-sys.path.insert(0, os.path.join(REPO, "bench"))
-from common import GEMMA3_4B_CONFIG, log, randomize_gemma  # noqa: E402
+from tests.helpers import theworld_reference as ref  # noqa: E402
+from bench.common import GEMMA3_4B_CONFIG, log, randomize_gemma, timed  # noqa: E402
 
 # The real tokenizer's special ids; every other id is a word "w<id>" (len 262145, like Gemma 3's).
 FULL_SPECIALS = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 105: "<start_of_turn>", 106: "<end_of_turn>",
@@ -77,11 +72,11 @@ def build(args, device):
     """(processor, gemma, vae, projector, sizes) on `device`, float32, eval mode."""
     import transformers
     from diffusers import AutoencoderKLWan
-    from tiny_vae import TINY_CONFIGS, randomize
+    from tests.helpers.tiny_vae import TINY_CONFIGS, randomize
 
     torch.manual_seed(args.seed)
     if args.tiny:
-        from tiny_gemma import build_processor, tiny_gemma3_config
+        from tests.helpers.tiny_gemma import build_processor, tiny_gemma3_config
 
         processor, config, embed_std = build_processor(), tiny_gemma3_config(), 0.05
         vae_kwargs, vae_size, gemma_image = TINY_CONFIGS["cosmos_like"], (64, 64), 56
@@ -117,24 +112,8 @@ def make_inputs(args, processor, gemma_image: int):
     return batch, world
 
 
-def timed(fn, wait, repeats: int = 3):
-    """(result of the first call, first-call seconds, median seconds of `repeats` more calls).
-
-    `wait(result)` blocks until the result is computed (CUDA sync, jax.block_until_ready)."""
-    t0 = time.perf_counter()
-    out = fn()
-    wait(out)
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        wait(fn())
-        times.append(time.perf_counter() - t0)
-    return out, first, statistics.median(times)
-
-
 def save_checkpoints(workdir, processor, gemma, vae, projector, args) -> str:
-    from tiny_gemma import save_tiny_gemma3
+    from tests.helpers.tiny_gemma import save_tiny_gemma3
 
     gemma_dir, vae_dir, upstream_dir = (os.path.join(workdir, n) for n in ("gemma", "vae", "theworld"))
     save_tiny_gemma3(gemma, processor, gemma_dir, layout="hub", shards=1 if args.tiny else 4)
@@ -156,7 +135,7 @@ def run_reference(args, device, workdir):
     dev = {k: v.to(device) for k, v in batch.items()}
     wait = (lambda _: torch.cuda.synchronize()) if device.type == "cuda" else (lambda _: None)
     with torch.no_grad():
-        (logits, loss), first, median = timed(functools.partial(model, images=[world], **dev), wait)
+        (logits, loss), first, median, _ = timed(functools.partial(model, images=[world], **dev), wait)
         fused = model.prepare(dev["input_ids"], dev["attention_mask"], dev["pixel_values"],
                               dev["token_type_ids"], dev["labels"], [world])
     result = dict(logits=logits[0].cpu().numpy(), valid=fused["attention_mask"][0].bool().cpu().numpy(),
@@ -183,7 +162,7 @@ def run_jax(args, batch, world, upstream_dir, vae_size):
     load_s = time.perf_counter() - t0
     inputs = {k: v.numpy() for k, v in batch.items()}
     log(f"JAX forward (loaded in {load_s:.1f}s)")
-    out, first, median = timed(functools.partial(model, images=[world], **inputs),
+    out, first, median, _ = timed(functools.partial(model, images=[world], **inputs),
                                lambda o: jax.block_until_ready(o.logits))
     return dict(logits=np.asarray(out.logits[0], dtype=np.float32),
                 loss=None if out.loss is None else float(out.loss), load_s=load_s, first_s=first,

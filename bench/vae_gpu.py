@@ -11,8 +11,8 @@ to a temp dir and loaded through `CosmosVAE.from_pretrained` (the real loading p
    JAX's first call (trace + compile + run) is reported separately. Also the bf16 error of each side
    against the float32 reference (relative L2).
 
-    python bench/vae_gpu.py --out bench/results/vae_gpu          # on a GPU
-    python bench/vae_gpu.py --tiny --out /tmp/vae_gpu            # same path on CPU with a tiny VAE
+    python -m bench.vae_gpu --out bench/results/vae_gpu          # on a GPU
+    python -m bench.vae_gpu --tiny --out /tmp/vae_gpu            # same path on CPU with a tiny VAE
 
 Writes results.json and results.md under --out and prints the table.
 """
@@ -35,17 +35,9 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
+from bench.common import log, timed  # noqa: E402
 
 TINY = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True])
-_T0 = time.perf_counter()
-
-
-def log(message: str) -> None:
-    print(f"[{time.perf_counter() - _T0:7.1f}s] {message}", flush=True)
-
-
 def video(b: int, t: int, size: int, seed: int) -> np.ndarray:
     """(B, T, H, W, 3) float32 uniform in [-1, 1]."""
     return np.random.default_rng(seed).uniform(-1, 1, (b, t, size, size, 3)).astype(np.float32)
@@ -64,14 +56,8 @@ def rel_l2(a, b) -> float:
 
 
 def time_calls(fn, sync, iters: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        sync(fn())
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        sync(fn())
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
+    """Milliseconds of `iters` calls after `warmup` untimed ones."""
+    return [1e3 * t for t in timed(fn, sync, repeats=iters, warmup=warmup - 1)[3]]
 
 
 def parity(ref, vae, device, size: int, frames: int) -> dict:
@@ -160,9 +146,9 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
     from diffusers import AutoencoderKLWan
-    from tiny_vae import randomize
+    from tests.helpers.tiny_vae import randomize
 
-    from theworld_jax.modeling.cosmos_vae import CosmosVAE
+    from theworld_jax.cosmos_vae import CosmosVAE
 
     jax.config.update("jax_default_matmul_precision", "highest")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")

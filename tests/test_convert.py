@@ -1,17 +1,19 @@
 """python -m convert: HF / diffusers / upstream checkpoints -> Orbax, and export back to upstream."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from flax import nnx
 from safetensors.numpy import load_file
 
-import theworld_reference as ref
+from tests.helpers import theworld_reference as ref
+from tests.helpers.checkpoints import orbax_params
+from tests.helpers.tiny_gemma import build_processor, build_tiny_gemma3, save_tiny_gemma3
+from tests.helpers.tiny_vae import make_tiny_vae
 from theworld_jax import CosmosVAE, TheWorld
 from theworld_jax.convert import main
 from theworld_jax.weights.safetensors_io import CheckpointError
-from tiny_gemma import build_processor, build_tiny_gemma3, save_tiny_gemma3
-from tiny_vae import make_tiny_vae
 
 
 def params_of(module):
@@ -42,8 +44,6 @@ def sources(tmp_path_factory):
 def test_gemma3_converts_to_the_same_params(sources):
     out = str(sources / "gemma_orbax")
     assert main(["gemma3", "--src", str(sources / "gemma"), "--dst", out, "--dtype", "float32"]) == 0
-    import jax.numpy as jnp
-
     direct = TheWorld.from_pretrained(str(sources / "gemma"), enable_world=False, dtype=jnp.float32)
     assert_same_params(TheWorld.from_pretrained(out, dtype=jnp.float32).model, direct.model)
 
@@ -183,3 +183,11 @@ def test_a_corrupt_orbax_checkpoint_is_named_in_one_line(sources, tmp_path, caps
     assert chat.main(["--model", str(corrupt), "--prompt", "hi"]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "corrupt/params" in lines[-1], lines
+
+
+@pytest.mark.parametrize("command,dtype", [("gemma3", "bfloat16"), ("gemma3", "float32"), ("cosmos-vae", "bfloat16")])
+def test_convert_writes_the_requested_dtype(sources, tmp_path, command, dtype):
+    src = sources / ("gemma" if command == "gemma3" else "vae")
+    main([command, "--src", str(src), "--dst", str(tmp_path / "out"), "--dtype", dtype])
+    written = orbax_params(str(tmp_path / "out"))
+    assert written and {d for _, d in written.values()} == {jnp.dtype(dtype)}

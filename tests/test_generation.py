@@ -13,7 +13,7 @@ from PIL import Image
 from theworld_jax import generation, sampling
 from theworld_jax.inputs import InputSpec, prepare_batch
 from theworld_jax.weights.gemma3_keys import load_gemma3
-from tiny_gemma import build_processor, build_tiny_gemma3, save_tiny_gemma3, tiny_gemma3_config
+from tests.helpers.tiny_gemma import build_processor, build_tiny_gemma3, save_tiny_gemma3, tiny_gemma3_config
 
 MAX_NEW = 16  # > the window (8): the sliding layers' ring buffer wraps during decoding
 TEXT = "<bos>The robot picks up the blue block and places it on top of the green one. A cat is"
@@ -126,10 +126,10 @@ def world(tiny, tmp_path_factory):
     """(JAX TheWorld float32, PyTorch reference composition) on the same Gemma, VAE and projector."""
     import jax.numpy as jnp
 
-    import theworld_reference as ref
+    from tests.helpers import theworld_reference as ref
     from theworld_jax import TheWorld
     from theworld_jax.weights.world_projector_keys import export_world_projector
-    from tiny_vae import make_tiny_vae
+    from tests.helpers.tiny_vae import make_tiny_vae
 
     hf, processor, _ = tiny
     root = tmp_path_factory.mktemp("world")

@@ -1,6 +1,6 @@
 """TheWorld (theworld_jax) against the PyTorch reference composition, on tiny random models.
 
-The reference (tests/theworld_reference.py) is transformers' Gemma 3 + diffusers' Wan VAE + a torch
+The reference (tests/helpers/theworld_reference.py) is transformers' Gemma 3 + diffusers' Wan VAE + a torch
 projector composed from docs/design.md. Both sides load the same weights: the JAX model through the public
 `TheWorld.from_pretrained`, the projector through an upstream-format checkpoint or an export.
 """
@@ -14,14 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
-import theworld_reference as ref
+from tests.helpers import theworld_reference as ref
+from tests.helpers.checkpoints import orbax_params
+from tests.helpers.tiny_gemma import build_processor, build_tiny_gemma3, save_tiny_gemma3
+from tests.helpers.tiny_vae import make_tiny_vae
 from theworld_jax import TheWorld
+from theworld_jax.weights.loader import abstract_params
 from theworld_jax.weights.world_projector_keys import export_world_projector
-from tiny_gemma import build_processor, build_tiny_gemma3, save_tiny_gemma3
-from tiny_vae import make_tiny_vae
 
 VAE_SIZE = (32, 32)  # tiny VAE has spatial factor 8: 4x4 latents, 16 world tokens in spatial mode
-TOL = 1e-4
+TOL = 1e-5
 
 
 def rand_image(seed, shape=(40, 50, 3)):
@@ -162,6 +164,22 @@ def test_save_pretrained_round_trip(dirs):
     enc = batch_inputs(dirs["processor"])
     np.testing.assert_array_equal(np.asarray(again(**enc, images=WORLD_IMAGES).logits),
                                   np.asarray(model(**enc, images=WORLD_IMAGES).logits))
+
+
+def test_save_pretrained_writes_configs_processor_and_params_in_the_model_dtype(dirs):
+    model = TheWorld.from_pretrained(dirs["gemma_dir"], enable_world=True, cosmos_model_name=dirs["vae_dir"],
+                                     dtype=jnp.bfloat16, vae_image_size=VAE_SIZE)
+    target = dirs["root"] / "saved_bf16"
+    model.save_pretrained(str(target))
+    names = set(os.listdir(target))
+    assert {"config.json", "gemma_config.json", "vae_config.json", "params", "tokenizer_config.json"} <= names
+    assert json.loads((target / "config.json").read_text())["model_type"] == "theworld_jax"
+    assert json.loads((target / "gemma_config.json").read_text()) == json.loads(
+        open(os.path.join(dirs["gemma_dir"], "config.json")).read())
+    written = orbax_params(str(target))
+    expected = {path: (tuple(p.shape), np.dtype(p.dtype)) for path, p in abstract_params(model.model).items()}
+    assert written == expected
+    assert {d for _, d in written.values()} == {np.dtype(jnp.bfloat16)}
 
 
 def test_upstream_checkpoint_loads_with_zero_255_range(dirs):

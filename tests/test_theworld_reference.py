@@ -1,4 +1,4 @@
-"""Sanity tests of the PyTorch TheWorld reference composition (tests/theworld_reference.py) itself."""
+"""Sanity tests of the PyTorch TheWorld reference composition (tests/helpers/theworld_reference.py) itself."""
 
 import json
 import os
@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-import theworld_reference as ref
-from tiny_gemma import build_processor, build_tiny_gemma3
-from tiny_vae import TINY_CONFIGS, randomize
+from tests.helpers import theworld_reference as ref
+from tests.helpers.tiny_gemma import build_processor, build_tiny_gemma3
+from tests.helpers.tiny_vae import TINY_CONFIGS, randomize
 
 VAE_SIZE = (32, 32)  # -> 4x4 latents: 16 world tokens in spatial mode
 Z_DIM = 4

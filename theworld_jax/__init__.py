@@ -11,7 +11,7 @@ def __getattr__(name: str):
 
         return TheWorld
     if name == "CosmosVAE":
-        from theworld_jax.modeling.cosmos_vae import CosmosVAE
+        from theworld_jax.cosmos_vae import CosmosVAE
 
         return CosmosVAE
     raise AttributeError(f"module 'theworld_jax' has no attribute {name!r}")

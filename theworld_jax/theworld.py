@@ -22,7 +22,6 @@ from theworld_jax.jit import jit_module
 from theworld_jax.modeling.theworld import batch_layout
 from theworld_jax.modeling.theworld import ForwardOutput, TheWorldModel, make_world_projector
 from theworld_jax.processing import add_world_tokens, load_processor, original_vocab_size
-from theworld_jax.weights.loader import abstract_params
 
 GEMMA_CONFIG_FILE = "gemma_config.json"
 VAE_CONFIG_FILE = "vae_config.json"
@@ -78,7 +77,7 @@ class TheWorld:
                   projector_ckpt: str | None, mesh=None) -> TheWorld:
         """Gemma from `gemma_dir`; when the world is on, the VAE from config.cosmos_model_name and the
         projector from `projector_ckpt` (an upstream checkpoint dir) or initialised from `seed`."""
-        from theworld_jax.modeling.cosmos_vae import CosmosVAE
+        from theworld_jax.cosmos_vae import CosmosVAE
         from theworld_jax.modeling.gemma3 import Gemma3Model
         from theworld_jax.weights.gemma3_keys import load_gemma3, read_gemma3_config
 
@@ -86,7 +85,7 @@ class TheWorld:
         shardings = None
         if mesh is not None:
             abstract = nnx.eval_shape(lambda: Gemma3Model(gemma_config, dtype=dtype, rngs=nnx.Rngs(0)))
-            shardings = sharding.param_shardings(abstract_params(abstract), mesh)
+            shardings = sharding.param_shardings(abstract, mesh)
         gemma_config, gemma = load_gemma3(gemma_dir, dtype=dtype, config=gemma_config, shardings=shardings)
         raw = {GEMMA_CONFIG_FILE: sources.read_config(gemma_dir)}
         processor = load_processor(gemma_dir)
@@ -112,8 +111,8 @@ class TheWorld:
                     config, gemma_config, vae_config, dtype=dtype, rngs=nnx.Rngs(0)))
                 projector = load_upstream_projector(abstract, projector_ckpt, config)
         if mesh is not None and vae is not None:  # small: loaded, then moved onto the mesh
-            vae = sharding.shard_module(vae, mesh, prefix="vae.")
-            projector = sharding.shard_module(projector, mesh, prefix="world_projector.")
+            vae = sharding.shard_module(vae, mesh)
+            projector = sharding.shard_module(projector, mesh)
         model = TheWorldModel(config, gemma, vae, projector)
         read_from = (gemma_dir, projector_ckpt, config.cosmos_model_name if vae is not None else None)
         return cls(model, config, gemma_config, vae_config, processor, raw_configs=raw, mesh=mesh,
@@ -141,7 +140,7 @@ class TheWorld:
                       else None)
         abstract = nnx.eval_shape(lambda: TheWorldModel.create(config, gemma_config, vae_config, dtype=dtype,
                                                                rngs=nnx.Rngs(0)))
-        shardings = None if mesh is None else sharding.param_shardings(abstract_params(abstract), mesh)
+        shardings = None if mesh is None else sharding.param_shardings(abstract, mesh)
         model = restore_params(abstract, directory, shardings=shardings)
         processor = load_processor(directory)
         return cls(model, config, gemma_config, vae_config, processor, raw_configs=raw, mesh=mesh,
@@ -189,8 +188,9 @@ class TheWorld:
         if self.mesh is not None:
             batch = jax.tree.map(lambda v: jax.device_put(v, sharding.batch_sharding(self.mesh, v.shape)), batch)
         last = keep if isinstance(keep, int) else None  # static: it fixes the logits' shape
-        return jit_module(_forward, self.model, static_argnames=("last", "layout", "remat"))(
-            batch, None if last else keep, last=last, layout=layout, remat=remat)
+        with sharding.activate(self.mesh):
+            return jit_module(_forward, self.model, static_argnames=("last", "layout", "remat"))(
+                batch, None if last else keep, last=last, layout=layout, remat=remat)
 
     # ------------------------------------------------------------------ generation
     def generate(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None, images=None, *,
@@ -206,7 +206,8 @@ class TheWorld:
                                max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id,
                                pad_token_id=pad_token_id, vocab_limit=vocab_limit, buckets=buckets)
-        decoding.advance()
+        with sharding.activate(self.mesh):
+            decoding.advance()
         return decoding.sequences()
 
     def generate_stream(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None,
@@ -222,7 +223,8 @@ class TheWorld:
                               token_type_ids=token_type_ids, images=images)
         if vocab_limit is None:
             vocab_limit = original_vocab_size(self.processor, self.gemma_config.text.vocab_size)
-        return start(self.model, batch, vocab_limit=vocab_limit, **options)
+        with sharding.activate(self.mesh):
+            return start(self.model, batch, vocab_limit=vocab_limit, **options)
 
     def num_world_tokens(self, frames: int = 1) -> int:
         """World tokens per row for a clip of `frames` frames (1 for an image)."""

@@ -1,8 +1,8 @@
-"""Run with XLA_FLAGS=--xla_force_host_platform_device_count=8: TheWorld on a (1, 4, 2) mesh gives the
-logits and greedy tokens of the unsharded model. Prints OK on success."""
+"""Run from the repository root as `python -m tests.scripts.sharded_equals_unsharded` with
+XLA_FLAGS=--xla_force_host_platform_device_count=8: TheWorld on a (1, 4, 2) mesh gives the logits and
+greedy tokens of the unsharded model. Prints OK on success."""
 
 import os
-import sys
 import tempfile
 
 import jax
@@ -10,13 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 jax.config.update("jax_default_matmul_precision", "highest")
 
 from theworld_jax import TheWorld  # noqa: E402
-from theworld_jax.sharding import make_mesh  # noqa: E402
-from tiny_gemma import build_processor, build_tiny_gemma3, save_tiny_gemma3  # noqa: E402
-from tiny_vae import make_tiny_vae  # noqa: E402
+from theworld_jax.sharding import HIDDEN, activate, constrain, make_mesh  # noqa: E402
+from tests.helpers.tiny_gemma import build_processor, build_tiny_gemma3, save_tiny_gemma3  # noqa: E402
+from tests.helpers.tiny_vae import make_tiny_vae  # noqa: E402
 
 assert len(jax.devices()) == 8, jax.devices()
 root = tempfile.mkdtemp()
@@ -33,6 +32,10 @@ q = sharded.model.gemma.language_model.layers[0].self_attn.q_proj.kernel.get_val
 assert tuple(q.sharding.spec) == ("fsdp", "tensor", None), q.sharding.spec
 k = sharded.model.gemma.language_model.layers[0].self_attn.k_proj.kernel.get_value()
 assert tuple(k.sharding.spec) == ("fsdp", None, None), k.sharding.spec  # 1 kv head: not split over tensor=2
+
+with activate(mesh):  # the decoder-layer boundary constraint: batch over data and fsdp
+    hidden = jax.jit(lambda x: constrain(x, HIDDEN))(jnp.zeros((4, 5, 64)))
+assert hidden.sharding.spec[0] in ("fsdp", ("data", "fsdp")), hidden.sharding.spec
 
 rng = np.random.RandomState(0)
 images = [rng.randint(0, 256, (40, 50, 3), dtype=np.uint8) for _ in range(4)]

@@ -16,7 +16,7 @@ from flax import nnx
 from theworld_jax.config.wan_vae import WanVAEConfig
 from theworld_jax.jit import jit_module
 from theworld_jax.modeling.wan_blocks import (CausalConv3d, Downsample, FeatCache, MidBlock,
-                                              ResidualBlock, RMSNorm, Upsample)
+                                              ResidualBlock, Upsample, WanRMSNorm)
 
 _CONV3 = (3, 3, 3)
 _POINT = (1, 1, 1)
@@ -36,7 +36,7 @@ class Encoder(nnx.Module):
                 blocks.append(Downsample(cout, bool(cfg.temperal_downsample[i]), dtype=dtype, rngs=rngs))
         self.down_blocks = nnx.List(blocks)
         self.mid_block = MidBlock(dims[-1], dtype=dtype, rngs=rngs)
-        self.norm_out = RMSNorm(dims[-1], dtype=dtype, rngs=rngs)
+        self.norm_out = WanRMSNorm(dims[-1], dtype=dtype, rngs=rngs)
         self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, _CONV3, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, cache: FeatCache) -> jax.Array:
@@ -77,7 +77,7 @@ class Decoder(nnx.Module):
                 mode = "upsample3d" if cfg.temperal_upsample[i] else "upsample2d"
             blocks.append(UpBlock(cin, cout, cfg.num_res_blocks, mode, dtype=dtype, rngs=rngs))
         self.up_blocks = nnx.List(blocks)
-        self.norm_out = RMSNorm(dims[-1], dtype=dtype, rngs=rngs)
+        self.norm_out = WanRMSNorm(dims[-1], dtype=dtype, rngs=rngs)
         self.conv_out = CausalConv3d(dims[-1], cfg.out_channels, _CONV3, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, cache: FeatCache) -> jax.Array:
@@ -106,7 +106,9 @@ def _causal_loop(step, first: jax.Array, rest: jax.Array) -> jax.Array:
 
 
 class CosmosVAE(nnx.Module):
-    """diffusers AutoencoderKLWan: encoder + quant_conv, post_quant_conv + decoder. Channels-last."""
+    """diffusers AutoencoderKLWan: encoder + quant_conv, post_quant_conv + decoder. Channels-last.
+
+    Loading and export: theworld_jax.CosmosVAE (from_pretrained, save_pretrained)."""
 
     def __init__(self, config: WanVAEConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = config
@@ -116,12 +118,6 @@ class CosmosVAE(nnx.Module):
         self.quant_conv = CausalConv3d(2 * z, 2 * z, _POINT, dtype=dtype, rngs=rngs)
         self.post_quant_conv = CausalConv3d(z, z, _POINT, dtype=dtype, rngs=rngs)
         self.decoder = Decoder(config, dtype=dtype, rngs=rngs)
-
-    @classmethod
-    def from_pretrained(cls, path: str, dtype=jnp.float32) -> CosmosVAE:
-        """Load a diffusers AutoencoderKLWan: a VAE dir, a dir with a vae/ subfolder, or a hub id."""
-        from theworld_jax.weights.wan_vae_keys import load_wan_vae
-        return load_wan_vae(cls, path, dtype=dtype)
 
     def encode(self, video) -> jax.Array:
         """video (B, T, H, W, 3) in [-1, 1] -> posterior mean (B, 1+(T-1)//4, H/f, W/f, z_dim), jitted."""

@@ -15,8 +15,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from theworld_jax.config.theworld import WorldAttention
+from theworld_jax.modeling.layers import positions_from_mask
 
 IGNORE_INDEX = -100
 
@@ -42,7 +44,7 @@ def splice_world(embeds: jax.Array, input_ids: jax.Array, attention_mask: jax.Ar
     The rows must have been checked by `validate_world_batch` (one <sow> immediately followed by <eow>).
     World tokens get attention_mask 1, token type 0 ("causal") or 1 ("bidirectional": one bidirectional
     block, like an image) and label -100; <sow> and <eow> get label -100 too. World embeddings are used
-    as given (not scaled). positions = cumsum(mask) - 1, clipped at 0.
+    as given (not scaled). positions: `positions_from_mask` of the fused mask.
     """
     world_attention = WorldAttention.parse(world_attention, "world_attention")
     b, length, d = embeds.shape
@@ -83,8 +85,7 @@ def splice_world(embeds: jax.Array, input_ids: jax.Array, attention_mask: jax.Ar
         markers = is_world | (j == sow) | (j == sow + n + 1)
         out_labels = jnp.where(markers, IGNORE_INDEX, take(labels, text_src)).astype(labels.dtype)
 
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
-    return FusedBatch(out_embeds, mask, types, out_labels, positions)
+    return FusedBatch(out_embeds, mask, types, out_labels, positions_from_mask(mask))
 
 
 def causal_lm_loss_terms(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -99,8 +100,7 @@ def causal_lm_loss_terms(logits: jax.Array, labels: jax.Array) -> tuple[jax.Arra
     logits = logits[:, :-1].astype(jnp.float32)
     target = labels[:, 1:]
     valid = target != IGNORE_INDEX
-    picked = jnp.take_along_axis(logits, jnp.where(valid, target, 0)[..., None], axis=-1, mode="clip")[..., 0]
-    nll = jax.nn.logsumexp(logits, axis=-1) - picked
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.clip(target, 0, logits.shape[-1] - 1))
     return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid, dtype=jnp.int32)
 
 

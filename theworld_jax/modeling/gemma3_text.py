@@ -14,6 +14,7 @@ from theworld_jax.attention import AttentionMask, dot_product_attention
 from theworld_jax.config.gemma3 import Gemma3TextConfig, RopeConfig
 from theworld_jax.modeling.kv_cache import KVCache, LayerCache, cached_attention
 from theworld_jax.modeling.layers import Einsum, Embedding, GatedMLP, RMSNorm, apply_rope, rope_tables
+from theworld_jax.sharding import HIDDEN, constrain
 
 # Rematerialisation of each decoder layer in the backward pass (name -> jax.checkpoint policy):
 # "none" keeps every activation (fastest backward, most memory); "dots_saveable" keeps the matmul outputs
@@ -38,10 +39,10 @@ class Gemma3Attention(nnx.Module):
     def __init__(self, config: Gemma3TextConfig, layer: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         d, n, kv, h = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = Einsum((d, n, h), fan_in=d, **kw)
-        self.k_proj = Einsum((d, kv, h), fan_in=d, **kw)
-        self.v_proj = Einsum((d, kv, h), fan_in=d, **kw)
-        self.o_proj = Einsum((n, h, d), fan_in=n * h, **kw)
+        self.q_proj = Einsum((d, n, h), ("embed", "heads", "head_dim"), fan_in=d, **kw)
+        self.k_proj = Einsum((d, kv, h), ("embed", "kv_heads", "head_dim"), fan_in=d, **kw)
+        self.v_proj = Einsum((d, kv, h), ("embed", "kv_heads", "head_dim"), fan_in=d, **kw)
+        self.o_proj = Einsum((n, h, d), ("heads", "head_dim", "embed"), fan_in=n * h, **kw)
         self.q_norm = RMSNorm(h, eps=config.rms_norm_eps, param_dtype=param_dtype)
         self.k_norm = RMSNorm(h, eps=config.rms_norm_eps, param_dtype=param_dtype)
         self.window = config.window(layer)
@@ -128,7 +129,7 @@ class Gemma3TextDecoder(nnx.Module):
                 return nnx.merge(graphdef, state)(x, rope, mask, layer_cache, prefilled, implementation)
 
             return jax.checkpoint(pure, policy=policy)(state, x, rope, mask, layer_cache)
-        x = embeds.astype(self.dtype)
+        x = constrain(embeds.astype(self.dtype), HIDDEN)
         ropes: dict[RopeConfig, tuple[jax.Array, jax.Array]] = {}
         new_layers = []
         for i, layer in enumerate(self.layers):
@@ -137,6 +138,7 @@ class Gemma3TextDecoder(nnx.Module):
                 ropes[rope] = rope_tables(positions, rope, self.config.head_dim, self.dtype)
             layer_cache = None if cache is None else cache.layers[i]
             x, layer_cache = run_layer(layer, x, ropes[rope], mask, layer_cache)
+            x = constrain(x, HIDDEN)
             new_layers.append(layer_cache)
         hidden = self.norm(x)
         new_cache = None if cache is None else KVCache(layers=tuple(new_layers), prefilled=True)

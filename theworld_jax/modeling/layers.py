@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 from theworld_jax.config.gemma3 import RopeConfig
+from theworld_jax.modeling.partitioning import param
 
 
 class RMSNorm(nnx.Module):
@@ -21,24 +22,31 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, *, eps: float, param_dtype=jnp.float32):
         self.eps = eps
-        self.weight = nnx.Param(jnp.zeros((dim,), param_dtype))
+        self.weight = param(jnp.zeros((dim,), param_dtype), ("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """Gemma's RMSNorm of x (..., D) with the raw weight (D,), computed in float32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
 
 
 class Einsum(nnx.Module):
     """A bias-free projection with a `kernel` of any shape, applied by a named einsum.
 
-    `fan_in` is the number of input features (for the initialiser's scale).
+    `axes` are the kernel's logical axis names; `fan_in` is the number of input features (for the
+    initialiser's scale).
     """
 
-    def __init__(self, shape: tuple[int, ...], *, fan_in: int, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, shape: tuple[int, ...], axes: tuple[str, ...], *, fan_in: int, dtype, param_dtype,
+                 rngs: nnx.Rngs):
         self.dtype = dtype
         std = fan_in ** -0.5
-        self.kernel = nnx.Param(std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, param_dtype))
+        self.kernel = param(std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, param_dtype), axes)
 
     def __call__(self, equation: str, x: jax.Array) -> jax.Array:
         return jnp.einsum(equation, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
@@ -62,7 +70,8 @@ class Embedding(nnx.Module):
 
     def __init__(self, vocab_size: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.dtype = dtype
-        self.embedding = nnx.Param(0.02 * jax.random.normal(rngs.params(), (vocab_size, dim), param_dtype))
+        table = 0.02 * jax.random.normal(rngs.params(), (vocab_size, dim), param_dtype)
+        self.embedding = param(table, ("vocab", "embed"))
 
     def __call__(self, ids: jax.Array, scale: float) -> jax.Array:
         """ids (B, L) -> W[ids] * scale (B, L, D); the scale is rounded to float32 then to `dtype`."""
@@ -102,9 +111,9 @@ class GatedMLP(nnx.Module):
 
     def __init__(self, dim: int, hidden: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj = Einsum((dim, hidden), fan_in=dim, **kw)
-        self.up_proj = Einsum((dim, hidden), fan_in=dim, **kw)
-        self.down_proj = Einsum((hidden, dim), fan_in=hidden, **kw)
+        self.gate_proj = Einsum((dim, hidden), ("embed", "mlp"), fan_in=dim, **kw)
+        self.up_proj = Einsum((dim, hidden), ("embed", "mlp"), fan_in=dim, **kw)
+        self.down_proj = Einsum((hidden, dim), ("mlp", "embed"), fan_in=hidden, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         gate = jax.nn.gelu(self.gate_proj("BLD,DF->BLF", x), approximate=True)

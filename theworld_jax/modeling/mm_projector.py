@@ -1,7 +1,7 @@
 """Gemma 3's multimodal projector: SigLIP patches -> image soft tokens in the text embedding space.
 
 (B, P*P, Dv) patches in row-major order -> k x k average pooling on the P x P grid -> (B, T*T, Dv)
-row-major -> Gemma RMSNorm (x * rsqrt(mean x^2 + eps) * (1 + w), float32, vision eps) -> x @ W with
+row-major -> Gemma RMSNorm (layers.rms_norm, float32, vision eps) -> x @ W with
 W (Dv, Dt) -> (B, T*T, Dt), T*T = mm_tokens_per_image.
 """
 
@@ -12,19 +12,22 @@ import jax.numpy as jnp
 from flax import nnx
 
 from theworld_jax.config.gemma3 import Gemma3Config
+from theworld_jax.modeling.layers import rms_norm
+from theworld_jax.modeling.partitioning import param
 
 
 class Gemma3MultiModalProjector(nnx.Module):
-    """norm_scale (Dv,) raw (applied as 1 + w); projection (Dv, Dt)."""
+    """norm_scale (Dv,) the raw Gemma RMSNorm weight; projection (Dv, Dt)."""
 
     def __init__(self, config: Gemma3Config, *, dtype=jnp.float32, rngs: nnx.Rngs):
         vision, text = config.vision, config.text
         self.patches_per_side = vision.patches_per_side
         self.kernel = config.pool_kernel
         self.eps = vision.layer_norm_eps
-        self.norm_scale = nnx.Param(jnp.zeros((vision.hidden_size,), dtype))
-        self.projection = nnx.Param(
-            nnx.initializers.normal(0.02)(rngs.params(), (vision.hidden_size, text.hidden_size), dtype))
+        self.norm_scale = param(jnp.zeros((vision.hidden_size,), dtype), ("norm",))
+        self.projection = param(
+            nnx.initializers.normal(0.02)(rngs.params(), (vision.hidden_size, text.hidden_size), dtype),
+            ("vit_embed", "embed"))
 
     def pool(self, x: jax.Array) -> jax.Array:
         """(B, P*P, Dv) -> (B, T*T, Dv): mean over each k x k block of the row-major P x P grid."""
@@ -36,7 +39,5 @@ class Gemma3MultiModalProjector(nnx.Module):
 
     def __call__(self, vision_outputs: jax.Array) -> jax.Array:
         """(B, P*P, Dv) -> (B, mm_tokens_per_image, Dt) in the vision dtype."""
-        h = self.pool(vision_outputs)
-        h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + self.eps)
-        h = (h * (1.0 + self.norm_scale[...].astype(jnp.float32))).astype(vision_outputs.dtype)
+        h = rms_norm(self.pool(vision_outputs), self.norm_scale[...], self.eps).astype(vision_outputs.dtype)
         return jnp.einsum("BTV,VD->BTD", h, self.projection[...]).astype(vision_outputs.dtype)

@@ -14,25 +14,16 @@ from flax import nnx
 
 from theworld_jax.attention import dot_product_attention
 from theworld_jax.config.gemma3 import SiglipVisionConfig
+from theworld_jax.modeling.partitioning import axes, param
 
 _init = nnx.initializers.normal(0.02)
 
 
-class LayerNorm(nnx.Module):
-    """torch.nn.LayerNorm over the last axis, computed in float32. scale, bias: (D,)."""
-
-    def __init__(self, dim: int, eps: float, *, dtype, rngs: nnx.Rngs):
-        self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), dtype))
-        self.bias = nnx.Param(jnp.zeros((dim,), dtype))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = x.astype(jnp.float32)
-        mean = h.mean(-1, keepdims=True)
-        var = jnp.square(h - mean).mean(-1, keepdims=True)
-        h = (h - mean) * jax.lax.rsqrt(var + self.eps)
-        h = h * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return h.astype(x.dtype)
+def _layer_norm(dim: int, eps: float, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """torch.nn.LayerNorm over the last axis: statistics and normalisation in float32, the result in
+    the input's dtype. scale, bias: (D,)."""
+    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, param_dtype=dtype, rngs=rngs,
+                         scale_metadata=axes("norm"), bias_metadata=axes("norm"))
 
 
 class SiglipAttention(nnx.Module):
@@ -41,14 +32,15 @@ class SiglipAttention(nnx.Module):
     def __init__(self, config: SiglipVisionConfig, *, dtype, rngs: nnx.Rngs):
         d, n, h = config.hidden_size, config.num_attention_heads, config.head_dim
         self.scale = h ** -0.5
-        self.q_kernel = nnx.Param(_init(rngs.params(), (d, n, h), dtype))
-        self.k_kernel = nnx.Param(_init(rngs.params(), (d, n, h), dtype))
-        self.v_kernel = nnx.Param(_init(rngs.params(), (d, n, h), dtype))
-        self.q_bias = nnx.Param(jnp.zeros((n, h), dtype))
-        self.k_bias = nnx.Param(jnp.zeros((n, h), dtype))
-        self.v_bias = nnx.Param(jnp.zeros((n, h), dtype))
-        self.out_kernel = nnx.Param(_init(rngs.params(), (n, h, d), dtype))
-        self.out_bias = nnx.Param(jnp.zeros((d,), dtype))
+        in_axes, bias_axes = ("vit_embed", "vit_heads", "head_dim"), ("vit_heads", "head_dim")
+        self.q_kernel = param(_init(rngs.params(), (d, n, h), dtype), in_axes)
+        self.k_kernel = param(_init(rngs.params(), (d, n, h), dtype), in_axes)
+        self.v_kernel = param(_init(rngs.params(), (d, n, h), dtype), in_axes)
+        self.q_bias = param(jnp.zeros((n, h), dtype), bias_axes)
+        self.k_bias = param(jnp.zeros((n, h), dtype), bias_axes)
+        self.v_bias = param(jnp.zeros((n, h), dtype), bias_axes)
+        self.out_kernel = param(_init(rngs.params(), (n, h, d), dtype), ("vit_heads", "head_dim", "vit_embed"))
+        self.out_bias = param(jnp.zeros((d,), dtype), ("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x (B, P, D) -> (B, P, D)."""
@@ -64,10 +56,10 @@ class SiglipMLP(nnx.Module):
 
     def __init__(self, config: SiglipVisionConfig, *, dtype, rngs: nnx.Rngs):
         d, f = config.hidden_size, config.intermediate_size
-        self.fc1_kernel = nnx.Param(_init(rngs.params(), (d, f), dtype))
-        self.fc1_bias = nnx.Param(jnp.zeros((f,), dtype))
-        self.fc2_kernel = nnx.Param(_init(rngs.params(), (f, d), dtype))
-        self.fc2_bias = nnx.Param(jnp.zeros((d,), dtype))
+        self.fc1_kernel = param(_init(rngs.params(), (d, f), dtype), ("vit_embed", "vit_mlp"))
+        self.fc1_bias = param(jnp.zeros((f,), dtype), ("vit_mlp",))
+        self.fc2_kernel = param(_init(rngs.params(), (f, d), dtype), ("vit_mlp", "vit_embed"))
+        self.fc2_bias = param(jnp.zeros((d,), dtype), ("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = jnp.einsum("BTD,DF->BTF", x, self.fc1_kernel[...]) + self.fc1_bias[...]
@@ -80,9 +72,9 @@ class SiglipEncoderLayer(nnx.Module):
 
     def __init__(self, config: SiglipVisionConfig, *, dtype, rngs: nnx.Rngs):
         eps = config.layer_norm_eps
-        self.layer_norm1 = LayerNorm(config.hidden_size, eps, dtype=dtype, rngs=rngs)
+        self.layer_norm1 = _layer_norm(config.hidden_size, eps, dtype, rngs)
         self.self_attn = SiglipAttention(config, dtype=dtype, rngs=rngs)
-        self.layer_norm2 = LayerNorm(config.hidden_size, eps, dtype=dtype, rngs=rngs)
+        self.layer_norm2 = _layer_norm(config.hidden_size, eps, dtype, rngs)
         self.mlp = SiglipMLP(config, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -100,12 +92,13 @@ class SiglipVisionTower(nnx.Module):
         self.config = config
         self.dtype = dtype
         p, c, d = config.patch_size, config.num_channels, config.hidden_size
-        self.patch_kernel = nnx.Param(_init(rngs.params(), (p, p, c, d), dtype))
-        self.patch_bias = nnx.Param(jnp.zeros((d,), dtype))
-        self.position_embedding = nnx.Param(_init(rngs.params(), (config.patches_per_side ** 2, d), dtype))
+        self.patch_kernel = param(_init(rngs.params(), (p, p, c, d), dtype), ("patch", "patch", "patch", "vit_embed"))
+        self.patch_bias = param(jnp.zeros((d,), dtype), ("norm",))
+        self.position_embedding = param(_init(rngs.params(), (config.patches_per_side ** 2, d), dtype),
+                                        ("positions", "vit_embed"))
         self.layers = nnx.List([SiglipEncoderLayer(config, dtype=dtype, rngs=rngs)
                                 for _ in range(config.num_hidden_layers)])
-        self.post_layernorm = LayerNorm(d, config.layer_norm_eps, dtype=dtype, rngs=rngs)
+        self.post_layernorm = _layer_norm(d, config.layer_norm_eps, dtype, rngs)
 
     def check_pixels(self, pixel_values) -> None:
         """Raise a ValueError unless pixel_values is (B, C, S, S) with this tower's C and S."""

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from theworld_jax.attention import dot_product_attention
+from theworld_jax.modeling.partitioning import axes, param
 
 CACHE_FRAMES = 2  # past frames a causal 3-tap conv sees
 
@@ -65,8 +66,8 @@ class CausalConv3d(nnx.Module):
 
     def __init__(self, cin: int, cout: int, kernel: tuple[int, int, int], *, dtype, rngs: nnx.Rngs):
         init = nnx.initializers.lecun_normal()
-        self.kernel = nnx.Param(init(rngs.params(), (*kernel, cin, cout), dtype))
-        self.bias = nnx.Param(jnp.zeros((cout,), dtype))
+        self.kernel = param(init(rngs.params(), (*kernel, cin, cout), dtype), ("vae",) * 5)
+        self.bias = param(jnp.zeros((cout,), dtype), ("vae",))
 
     def __call__(self, x: jax.Array, cache: FeatCache | None = None) -> jax.Array:
         kernel = self.kernel[...]
@@ -91,8 +92,8 @@ class Conv2d(nnx.Module):
 
     def __init__(self, cin: int, cout: int, *, stride: int, padding, dtype, rngs: nnx.Rngs):
         init = nnx.initializers.lecun_normal()
-        self.kernel = nnx.Param(init(rngs.params(), (3, 3, cin, cout), dtype))
-        self.bias = nnx.Param(jnp.zeros((cout,), dtype))
+        self.kernel = param(init(rngs.params(), (3, 3, cin, cout), dtype), ("vae",) * 4)
+        self.bias = param(jnp.zeros((cout,), dtype), ("vae",))
         self.stride = stride
         self.padding = padding
 
@@ -102,11 +103,11 @@ class Conv2d(nnx.Module):
         return y + self.bias[...].astype(y.dtype)
 
 
-class RMSNorm(nnx.Module):
+class WanRMSNorm(nnx.Module):
     """WanRMS_norm: L2-normalise over channels (in float32), times sqrt(C) and gamma (C,)."""
 
     def __init__(self, dim: int, *, dtype, rngs: nnx.Rngs):
-        self.gamma = nnx.Param(jnp.ones((dim,), dtype))
+        self.gamma = param(jnp.ones((dim,), dtype), ("vae",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
@@ -119,9 +120,9 @@ class ResidualBlock(nnx.Module):
     """WanResidualBlock: shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))))))."""
 
     def __init__(self, cin: int, cout: int, *, dtype, rngs: nnx.Rngs):
-        self.norm1 = RMSNorm(cin, dtype=dtype, rngs=rngs)
+        self.norm1 = WanRMSNorm(cin, dtype=dtype, rngs=rngs)
         self.conv1 = CausalConv3d(cin, cout, (3, 3, 3), dtype=dtype, rngs=rngs)
-        self.norm2 = RMSNorm(cout, dtype=dtype, rngs=rngs)
+        self.norm2 = WanRMSNorm(cout, dtype=dtype, rngs=rngs)
         self.conv2 = CausalConv3d(cout, cout, (3, 3, 3), dtype=dtype, rngs=rngs)
         self.conv_shortcut = CausalConv3d(cin, cout, (1, 1, 1), dtype=dtype, rngs=rngs) if cin != cout else None
 
@@ -139,9 +140,11 @@ class AttentionBlock(nnx.Module):
     """
 
     def __init__(self, dim: int, *, dtype, rngs: nnx.Rngs):
-        self.norm = RMSNorm(dim, dtype=dtype, rngs=rngs)
-        self.to_qkv = nnx.Linear(dim, 3 * dim, dtype=dtype, param_dtype=dtype, rngs=rngs)
-        self.proj = nnx.Linear(dim, dim, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.norm = WanRMSNorm(dim, dtype=dtype, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=dtype, rngs=rngs, kernel_metadata=axes("vae", "vae"),
+                  bias_metadata=axes("vae"))
+        self.to_qkv = nnx.Linear(dim, 3 * dim, **kw)
+        self.proj = nnx.Linear(dim, dim, **kw)
 
     def __call__(self, x: jax.Array, cache: FeatCache | None = None) -> jax.Array:
         b, t, h, w, c = x.shape

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from theworld_jax.config import ConfigError, ProjectionArchitecture, ProjectionMode
+from theworld_jax.modeling.partitioning import axes
 
 if TYPE_CHECKING:
     from theworld_jax.config.wan_vae import WanVAEConfig
@@ -69,19 +70,13 @@ def _torch_linear_init(fan_in: int):
     return init
 
 
-class Dense(nnx.Module):
-    """y = x @ kernel + bias, kernel (in, out) (torch's weight transposed)."""
-
-    def __init__(self, in_features: int, out_features: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        init = _torch_linear_init(in_features)
-        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype))
-        self.bias = nnx.Param(init(rngs.params(), (out_features,), param_dtype))
-        self.dtype = dtype
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """(..., in) -> (..., out)."""
-        kernel = self.kernel[...].astype(self.dtype)
-        return jnp.einsum("...F,FD->...D", x.astype(self.dtype), kernel) + self.bias[...].astype(self.dtype)
+def _linear(in_features: int, out_features: int, in_axis: str, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    """y = x @ kernel + bias, kernel (in, out) (torch's weight transposed), torch's default init;
+    `in_axis` is the kernel's input logical axis."""
+    init = _torch_linear_init(in_features)
+    return nnx.Linear(in_features, out_features, kernel_init=init, bias_init=init, dtype=dtype,
+                      param_dtype=param_dtype, rngs=rngs, kernel_metadata=axes(in_axis, "embed"),
+                      bias_metadata=axes("embed"))
 
 
 def _gelu(x: jax.Array) -> jax.Array:
@@ -103,10 +98,11 @@ class WorldProjector(nnx.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.architecture = architecture
-        dims = [(in_features, out_features)]
+        dims = [(in_features, out_features, "world_in")]
         if architecture != ProjectionArchitecture.LINEAR:
-            dims.append((out_features, out_features))
-        self.layers = nnx.List([Dense(i, o, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for i, o in dims])
+            dims.append((out_features, out_features, "embed"))
+        self.layers = nnx.List([_linear(i, o, axis, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                for i, o, axis in dims])
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         if tokens.shape[-1] != self.in_features:

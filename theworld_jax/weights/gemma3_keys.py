@@ -1,4 +1,4 @@
-"""Load a HuggingFace Gemma 3 checkpoint (config.json + safetensors) into a `Gemma3Model`.
+"""A HuggingFace Gemma 3 checkpoint (config.json + safetensors) <-> a `Gemma3Model`, both directions.
 
 Checkpoints come in three key layouts (docs/design.md, section 5), plus the text-only one:
 
@@ -10,25 +10,26 @@ Checkpoints come in three key layouts (docs/design.md, section 5), plus the text
 
 `checkpoint_prefixes` reads each component's prefix off the checkpoint's keys, and the key map is
 built on those exact keys, so every error names a tensor as the file spells it. The tied lm_head is
-ignored.
+ignored. `export_gemma3` writes the hub layout (or Gemma3ForCausalLM's for a text-only model).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from theworld_jax.config.gemma3 import Gemma3Config
 from theworld_jax.modeling.gemma3 import Gemma3Model
 from theworld_jax.weights.gemma3_text_keys import text_key_map
-from theworld_jax.weights.loader import Source, load_params
+from theworld_jax.weights.loader import KeyMap, export_params, load_params, prefixed
 from theworld_jax.weights.safetensors_io import SafetensorsReader, find_safetensors
-from theworld_jax.weights.vision_keys import projector_key_map, siglip_key_map
+from theworld_jax.weights.vision_keys import mm_projector_key_map, siglip_key_map
 
 # Candidate prefixes per component, and the sub-keys that identify them; the first is the default.
 _TEXT = (("language_model.model.", "model.language_model."), ("embed_tokens.", "layers.", "norm."))
@@ -42,11 +43,14 @@ _TIED_HEADS = ("lm_head.weight", "language_model.lm_head.weight", "model.lm_head
 
 @dataclasses.dataclass(frozen=True)
 class Prefixes:
-    """The checkpoint key prefix of each component (the layout of one checkpoint)."""
+    """The checkpoint key prefix of each component (the layout of one checkpoint); default: the hub's."""
 
     text: str = "language_model.model."
     vision: str = "vision_tower.vision_model."
     projector: str = "multi_modal_projector."
+
+
+TEXT_ONLY = Prefixes(text="model.")
 
 
 def _detect(keys: list[str], candidates: tuple[str, ...], members: tuple[str, ...]) -> str:
@@ -66,24 +70,13 @@ def is_tied_head(key: str) -> bool:
     return key in _TIED_HEADS
 
 
-def _lenient(transform: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
-    """A transform that passes a tensor it cannot reshape through, so the loader reports its shape."""
-    def apply(x: np.ndarray) -> np.ndarray:
-        try:
-            return transform(x)
-        except ValueError:
-            return x
-    return apply
-
-
-def gemma3_key_map(config: Gemma3Config, prefixes: Prefixes = Prefixes()) -> dict[str, Source]:
-    """{Gemma3Model param path: Source} over the checkpoint keys of the layout `prefixes`."""
-    km = {f"language_model.{path}": Source(tuple(prefixes.text + k for k in s.keys), _lenient(s.transform))
-          for path, s in text_key_map(config.text).items()}
+def gemma3_key_map(config: Gemma3Config, prefixes: Prefixes = Prefixes()) -> KeyMap:
+    """Rows of every Gemma3Model parameter against the checkpoint keys of the layout `prefixes`."""
+    rows = prefixed(text_key_map(config.text), "language_model.", prefixes.text)
     if config.vision is not None:
-        km.update(siglip_key_map(config.vision, prefix="vision_tower.", key_prefix=prefixes.vision))
-        km.update(projector_key_map(prefix="multi_modal_projector.", key_prefix=prefixes.projector))
-    return km
+        rows += prefixed(siglip_key_map(config.vision), "vision_tower.", prefixes.vision)
+        rows += prefixed(mm_projector_key_map(), "multi_modal_projector.", prefixes.projector)
+    return rows
 
 
 def read_gemma3_config(path: str) -> Gemma3Config:
@@ -95,7 +88,7 @@ def read_gemma3_config(path: str) -> Gemma3Config:
 
 def load_gemma3(path: str, dtype=jnp.float32, *, config: Gemma3Config | None = None,
                 shardings=None) -> tuple[Gemma3Config, Gemma3Model]:
-    """(config, Gemma3Model with `dtype` params) from a HuggingFace Gemma 3 directory, tensor by tensor.
+    """(config, Gemma3Model with `dtype` params) from a local HuggingFace Gemma 3 directory, tensor by tensor.
 
     `shardings` ({param path: Sharding}) places each parameter as it is read.
     """
@@ -107,3 +100,48 @@ def load_gemma3(path: str, dtype=jnp.float32, *, config: Gemma3Config | None = N
                             desc=f"loading Gemma 3 from {os.path.basename(os.path.normpath(path))}",
                             shardings=shardings)
     return config, model
+
+
+def _integral(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else x
+
+
+def hf_config_dict(config: Gemma3Config) -> dict[str, Any]:
+    """The transformers config.json of `config`: Gemma3ForConditionalGeneration, or Gemma3ForCausalLM
+    when it has no vision tower."""
+    t = config.text
+    rope = {kind: {"rope_type": "default", "rope_theta": r.theta} if r.factor == 1.0 else
+            {"rope_type": "linear", "factor": r.factor, "rope_theta": r.theta} for kind, r in t.rope}
+    text = dict(
+        model_type="gemma3_text", vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
+        num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads, head_dim=t.head_dim,
+        query_pre_attn_scalar=_integral(t.query_pre_attn_scalar), sliding_window=t.sliding_window,
+        rms_norm_eps=t.rms_norm_eps, layer_types=list(t.layer_types), rope_parameters=rope,
+        max_position_embeddings=t.max_position_embeddings, hidden_activation=t.hidden_activation,
+        attention_bias=False, attn_logit_softcapping=None, final_logit_softcapping=None,
+        tie_word_embeddings=True, pad_token_id=t.pad_token_id, bos_token_id=t.bos_token_id,
+        eos_token_id=list(t.eos_token_id))
+    if config.vision is None:
+        return {"architectures": ["Gemma3ForCausalLM"], **text}
+    v = config.vision
+    vision = dict(
+        model_type="siglip_vision_model", hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+        num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
+        image_size=v.image_size, patch_size=v.patch_size, layer_norm_eps=v.layer_norm_eps,
+        num_channels=v.num_channels, hidden_act=v.hidden_act, vision_use_head=False)
+    return dict(model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"], text_config=text,
+                vision_config=vision, mm_tokens_per_image=config.mm_tokens_per_image,
+                boi_token_index=config.boi_token_id, eoi_token_index=config.eoi_token_id,
+                image_token_index=config.image_token_id, eos_token_id=list(config.eos_token_id),
+                tie_word_embeddings=True)
+
+
+def export_gemma3(model: Gemma3Model, directory: str, *, max_shard_bytes: int = 4 << 30) -> None:
+    """Write `model` into `directory` (which must exist) as a HuggingFace checkpoint that transformers
+    loads: config.json and model*.safetensors in the hub layout, in the parameters' dtype."""
+    config = model.config
+    prefixes = Prefixes() if config.vision is not None else TEXT_ONLY
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(hf_config_dict(config), f, indent=2)
+    export_params(model, gemma3_key_map(config, prefixes), directory, max_shard_bytes=max_shard_bytes)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 INDEX_SUFFIX = ".safetensors.index.json"
 
@@ -121,3 +122,33 @@ def _open(path: str):
         size = os.path.getsize(path)
         raise CheckpointError(f"{path}: not a readable safetensors file ({size} bytes; {err}); it is truncated "
                               "or corrupt, download or write it again") from None
+
+
+def write_safetensors(directory: str, sizes: Mapping[str, int],
+                      produce: Callable[[list[str]], dict[str, np.ndarray]], *, prefix: str = "model",
+                      max_shard_bytes: int = 4 << 30) -> list[str]:
+    """Write tensors as `prefix`.safetensors, or as numbered shards plus `prefix`.safetensors.index.json
+    (the HuggingFace layout) when they exceed `max_shard_bytes`.
+
+    `sizes` gives each item's byte size in order; `produce(items)` returns {key: array} for one shard,
+    so only one shard is in memory at a time. Returns the written file names.
+    """
+    shards: list[list[str]] = [[]]
+    filled = 0
+    for item, size in sizes.items():
+        if shards[-1] and filled + size > max_shard_bytes:
+            shards.append([])
+            filled = 0
+        shards[-1].append(item)
+        filled += size
+    n = len(shards)
+    names = [f"{prefix}.safetensors"] if n == 1 else [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map = {}
+    for name, items in zip(names, shards):
+        tensors = produce(items)
+        save_file(tensors, os.path.join(directory, name), metadata={"format": "pt"})
+        weight_map.update({key: name for key in tensors})
+    if n > 1:
+        with open(os.path.join(directory, prefix + INDEX_SUFFIX), "w") as f:
+            json.dump({"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}, f, indent=2)
+    return names

@@ -1,38 +1,26 @@
-"""diffusers AutoencoderKLWan checkpoint -> CosmosVAE parameters, and where such a checkpoint lives.
+"""A diffusers AutoencoderKLWan checkpoint (config.json + diffusion_pytorch_model*.safetensors) <->
+a `CosmosVAE`, both directions.
 
-Our parameter paths mirror diffusers' names: `.kernel` is `.weight` transposed to channels-last
-((O, I, kt, kh, kw) -> (kt, kh, kw, I, O); (O, I, kh, kw) -> (kh, kw, I, O); the attention's 1x1 convs
-(O, I, 1, 1) -> (I, O)), norm `gamma` (C, 1, 1[, 1]) -> (C,), and the resample conv `resample` is
-diffusers' `resample.1` (index 0 is its ZeroPad2d / Upsample).
+Our parameter paths mirror diffusers' names, so the rows follow from the model's parameters: `.kernel`
+is `.weight` transposed to channels-last ((O, I, kt, kh, kw) -> (kt, kh, kw, I, O); (O, I, kh, kw) ->
+(kh, kw, I, O); the attention's 1x1 convs (O, I, 1, 1) -> (I, O)), norm `gamma` (C, 1, 1[, 1]) -> (C,),
+and the resample conv `resample` is diffusers' `resample.1` (index 0 is its ZeroPad2d / Upsample).
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from theworld_jax.checkpoint import PARAMS_DIR, restore_params
-from theworld_jax.weights.loader import Source, abstract_params, load_params
+from theworld_jax.config.wan_vae import WanVAEConfig
+from theworld_jax.modeling.cosmos_vae import CosmosVAE
+from theworld_jax.weights.loader import KeyMap, Row, abstract_params, export_params, load_params, reshaped, transposed
 from theworld_jax.weights.safetensors_io import SafetensorsReader, find_safetensors
 
 WEIGHTS_PREFIX = "diffusion_pytorch_model"
-
-
-def _kernel_transform(ndim: int):
-    if ndim == 5:
-        return lambda w: np.transpose(w, (2, 3, 4, 1, 0))
-    if ndim == 4:
-        return lambda w: np.transpose(w, (2, 3, 1, 0))
-    if ndim == 2:
-        return lambda w: np.transpose(w.reshape(w.shape[0], w.shape[1]))
-    raise ValueError(f"no kernel layout for rank {ndim}")
-
-
-def _flat(w: np.ndarray) -> np.ndarray:
-    return w.reshape(-1)
 
 
 def hf_key(path: str) -> str:
@@ -44,60 +32,36 @@ def hf_key(path: str) -> str:
     return f"{module}.{'weight' if leaf == 'kernel' else leaf}"
 
 
-def wan_vae_key_map(abstract_model: nnx.Module) -> dict[str, Source]:
-    """{param path: Source} for every parameter of a (possibly abstract) CosmosVAE."""
-    key_map = {}
-    for path, struct in abstract_params(abstract_model).items():
-        leaf = path.rpartition(".")[2]
-        if leaf == "kernel":
-            key_map[path] = Source.of(hf_key(path), _kernel_transform(len(struct.shape)))
-        elif leaf == "gamma":
-            key_map[path] = Source.of(hf_key(path), _flat)
-        elif leaf == "bias":
-            key_map[path] = Source.of(hf_key(path))
-        else:
-            raise ValueError(f"parameter {path!r} has no diffusers counterpart")
-    return key_map
+def _row(path: str, shape: tuple[int, ...]) -> Row:
+    leaf = path.rpartition(".")[2]
+    if leaf == "bias":
+        return Row(path, hf_key(path))
+    if leaf == "gamma":  # diffusers (C, 1, 1[, 1]): the 3D norms carry one more singleton than the 2D ones
+        return Row(path, hf_key(path), *reshaped(shape, (shape[0], 1, 1, 1) if "attentions" not in path
+                                                 else (shape[0], 1, 1)))
+    if leaf == "kernel" and len(shape) == 2:  # a Linear over channels: diffusers' 1x1 Conv2d
+        return Row(path, hf_key(path), lambda w: w.reshape(w.shape[:2]).T, lambda k: k.T.reshape(*k.T.shape, 1, 1))
+    if leaf == "kernel":
+        return Row(path, hf_key(path), *transposed(*range(2, len(shape)), 1, 0))
+    raise ValueError(f"parameter {path!r} has no diffusers counterpart")
 
 
-def _is_vae_dir(path: str) -> bool:
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        return False
-    if os.path.isdir(os.path.join(path, PARAMS_DIR)):  # written by `python -m convert cosmos-vae`
-        return True
-    return any(n.startswith(WEIGHTS_PREFIX) and n.endswith((".safetensors", ".safetensors.index.json"))
-               for n in os.listdir(path))
+def wan_vae_key_map(abstract_model: nnx.Module) -> KeyMap:
+    """Rows for every parameter of a (possibly abstract) CosmosVAE."""
+    return tuple(_row(path, tuple(s.shape)) for path, s in abstract_params(abstract_model).items())
 
 
-def resolve_vae_dir(path_or_id: str) -> str:
-    """The directory holding config.json + diffusion_pytorch_model*.safetensors: `path_or_id` itself,
-    its vae/ subfolder, or the snapshot of hub id `path_or_id`."""
-    if os.path.isdir(path_or_id):
-        for candidate in (path_or_id, os.path.join(path_or_id, "vae")):
-            if os.path.isdir(candidate) and _is_vae_dir(candidate):
-                return candidate
-        raise FileNotFoundError(
-            f"{path_or_id!r} is neither a diffusers AutoencoderKLWan directory nor one with a vae/ subfolder "
-            f"(expected config.json and {WEIGHTS_PREFIX}.safetensors)")
-    if os.path.isabs(path_or_id) or path_or_id.startswith(".") or path_or_id.count("/") != 1:
-        raise FileNotFoundError(f"VAE directory {path_or_id!r} does not exist (and it is not a hub id)")
-    from huggingface_hub import snapshot_download
-    patterns = ["config.json", f"{WEIGHTS_PREFIX}*", "vae/config.json", f"vae/{WEIGHTS_PREFIX}*"]
-    try:
-        local = snapshot_download(path_or_id, allow_patterns=patterns)
-    except Exception as err:
-        raise OSError(f"could not download the VAE {path_or_id!r} from the HuggingFace hub "
-                      f"({type(err).__name__}: {err}); pass a local directory instead") from err
-    return resolve_vae_dir(local)
-
-
-def load_wan_vae(cls, path_or_id: str, dtype=jnp.float32):
-    """A `cls` (CosmosVAE) with config and weights read from a diffusers AutoencoderKLWan checkpoint."""
-    from theworld_jax.config.wan_vae import WanVAEConfig
-    directory = resolve_vae_dir(path_or_id)
+def load_wan_vae(directory: str, dtype=jnp.float32, cls=CosmosVAE) -> CosmosVAE:
+    """A `cls` with config and weights read from a local diffusers AutoencoderKLWan directory."""
     config = WanVAEConfig.from_json_file(os.path.join(directory, "config.json"))
     abstract = nnx.eval_shape(lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    if os.path.isdir(os.path.join(directory, PARAMS_DIR)):
-        return restore_params(abstract, directory)
     with SafetensorsReader(find_safetensors(directory, prefix=WEIGHTS_PREFIX)) as reader:
         return load_params(abstract, wan_vae_key_map(abstract), reader, desc="loading Wan VAE")
+
+
+def export_wan_vae(vae: CosmosVAE, directory: str) -> None:
+    """Write `vae` into `directory` (which must exist) as a diffusers AutoencoderKLWan checkpoint:
+    config.json and diffusion_pytorch_model.safetensors, in the parameters' dtype."""
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(vae.config.to_dict(), f, indent=2)
+    export_params(vae, wan_vae_key_map(vae), directory, prefix=WEIGHTS_PREFIX)

@@ -15,7 +15,7 @@ import numpy as np
 
 from theworld_jax.config.theworld import TheWorldConfig
 from theworld_jax.modeling.world_projector import WorldProjector
-from theworld_jax.weights.loader import Source, abstract_params, load_params
+from theworld_jax.weights.loader import KeyMap, Row, export_tensors, load_params, transposed
 from theworld_jax.weights.safetensors_io import CheckpointError, SafetensorsReader, find_safetensors
 
 EXPORT_PREFIX = "cosmos_encoder.world_projector."
@@ -27,13 +27,13 @@ def torch_indices(architecture: str) -> tuple[int, ...]:
     return (0,) if architecture == "linear" else (0, 2)
 
 
-def projector_key_map(architecture: str, prefix: str = EXPORT_PREFIX) -> dict[str, Source]:
-    """{our param path: Source} for a projector of `architecture` whose keys start with `prefix`."""
-    out = {}
+def world_projector_key_map(architecture: str, prefix: str = EXPORT_PREFIX) -> KeyMap:
+    """Rows of a projector of `architecture` whose upstream keys start with `prefix`."""
+    rows = []
     for j, i in enumerate(torch_indices(architecture)):
-        out[f"layers.{j}.kernel"] = Source.of(f"{prefix}projection.{i}.weight", np.transpose)
-        out[f"layers.{j}.bias"] = Source.of(f"{prefix}projection.{i}.bias")
-    return out
+        rows += [Row(f"layers.{j}.kernel", f"{prefix}projection.{i}.weight", *transposed(1, 0)),
+                 Row(f"layers.{j}.bias", f"{prefix}projection.{i}.bias")]
+    return tuple(rows)
 
 
 def find_projector_prefix(keys: Iterable[str]) -> str:
@@ -79,7 +79,7 @@ def load_projector_params(abstract: WorldProjector, reader: SafetensorsReader, *
     """Fill an abstract WorldProjector (nnx.eval_shape) from an upstream-layout checkpoint."""
     prefix = find_projector_prefix(reader.keys())
     _check_against_config(reader, prefix, abstract, in_features_reason)
-    return load_params(abstract, projector_key_map(abstract.architecture, prefix), reader,
+    return load_params(abstract, world_projector_key_map(abstract.architecture, prefix), reader,
                        ignore=lambda k: not k.startswith(prefix), desc="loading the world projector")
 
 
@@ -103,13 +103,4 @@ def load_upstream_projector(abstract: WorldProjector, source: str | SafetensorsR
 
 def export_world_projector(projector: WorldProjector, prefix: str = EXPORT_PREFIX) -> dict[str, np.ndarray]:
     """{upstream key: array} of the projector, torch layout (weight (out, in)), in the params' dtype."""
-    params = abstract_params(projector)
-    if set(params) != set(projector_key_map(projector.architecture)):
-        raise CheckpointError(f"projector params {sorted(params)} do not fit architecture "
-                              f"{projector.architecture!r}")
-    out = {}
-    for j, i in enumerate(torch_indices(projector.architecture)):
-        layer = projector.layers[j]
-        out[f"{prefix}projection.{i}.weight"] = np.ascontiguousarray(np.asarray(layer.kernel[...]).T)
-        out[f"{prefix}projection.{i}.bias"] = np.asarray(layer.bias[...])
-    return out
+    return export_tensors(projector, world_projector_key_map(projector.architecture, prefix))

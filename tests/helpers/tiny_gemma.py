@@ -106,6 +106,7 @@ def tiny_gemma3_config(**overrides) -> transformers.Gemma3Config:
     """A two-layer (sliding, full) Gemma 3 with a one-layer SigLIP; token ids match `build_tokenizer`.
 
     `overrides` replace top-level fields; `text_config` / `vision_config` dicts update those sections.
+    query_pre_attn_scalar (24) differs from head_dim (32), so a query scale taken from the wrong one fails.
     """
     tok = build_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -114,7 +115,7 @@ def tiny_gemma3_config(**overrides) -> transformers.Gemma3Config:
     text = dict(
         vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         layer_types=["sliding_attention", "full_attention"], num_attention_heads=2, num_key_value_heads=1,
-        head_dim=32, query_pre_attn_scalar=32, sliding_window=8, max_position_embeddings=512,
+        head_dim=32, query_pre_attn_scalar=24, sliding_window=8, max_position_embeddings=512,
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                          "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}},
         pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"], eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]])

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from flax import nnx
 from safetensors.torch import save_file
-from tiny_gemma import build_tiny_gemma3, tiny_gemma3_config
+from tests.helpers.tiny_gemma import build_tiny_gemma3, tiny_gemma3_config
 
 from theworld_jax.attention import make_attention_mask
 from theworld_jax.config.gemma3 import Gemma3TextConfig

@@ -1,0 +1,1 @@
+"""GPU benchmarks and parity runs: python -m bench.<name> from the repository root."""

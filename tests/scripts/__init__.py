@@ -1,0 +1,1 @@
+"""Scripts the tests run in a subprocess (python -m tests.scripts.<name>)."""
