@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+import pytest
 import transformers
 from diffusers import AutoencoderKLWan
 from flax import nnx
@@ -51,6 +52,7 @@ def _close(ours, ref):
     assert err <= bound, f"max |diff| {err:.3g} > {bound:.3g}"
 
 
+@pytest.mark.slow
 def test_gemma3_export_loads_in_transformers(tmp_path):
     hf = build_tiny_gemma3(seed=5)
     src = save_tiny_gemma3(hf, None, str(tmp_path / "src"), layout="in_memory")
@@ -97,6 +99,7 @@ def test_gemma3_export_keeps_bfloat16(tmp_path):
     assert json.loads((out / "config.json").read_text())["architectures"] == ["Gemma3ForConditionalGeneration"]
 
 
+@pytest.mark.slow
 def test_cosmos_vae_export_loads_in_diffusers(tmp_path):
     make_tiny_vae(str(tmp_path / "src"), "cosmos_like")
     vae = _perturb(CosmosVAE.from_pretrained(str(tmp_path / "src")))

@@ -22,7 +22,7 @@ from theworld_jax.weights.wan_vae_keys import wan_vae_key_map
 
 
 @pytest.fixture(scope="module")
-def full():
+def full():  # tens of seconds on a loaded 2-core machine, seconds otherwise
     gemma = Gemma3Config.from_dict(transformers.Gemma3Config(**GEMMA3_4B_CONFIG).to_dict())
     config = TheWorldConfig(vae_image_size=(512, 512))
     model = nnx.eval_shape(lambda: TheWorldModel.create(config, gemma, WanVAEConfig(), dtype=jnp.bfloat16,

@@ -73,6 +73,7 @@ def test_mesh_sizes_are_checked():
         make_mesh(data=2, fsdp=2, devices=jax.devices()[:1])
 
 
+@pytest.mark.slow
 def test_sharded_model_equals_unsharded_on_eight_devices():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
