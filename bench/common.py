@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
 
@@ -16,6 +18,15 @@ _T0 = time.perf_counter()
 
 def log(message: str) -> None:
     print(f"[{time.perf_counter() - _T0:7.1f}s] {message}", flush=True)
+
+
+def write_report(directory: str, name: str, report: dict, text: str) -> None:
+    """directory/name.json (the report) and directory/name.md (its table)."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"{name}.json"), "w") as f:
+        json.dump(report, f, indent=2, default=str)
+    with open(os.path.join(directory, f"{name}.md"), "w") as f:
+        f.write(text)
 
 
 def timed(fn, wait=lambda out: out, repeats: int = 3, warmup: int = 0):

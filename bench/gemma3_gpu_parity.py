@@ -31,7 +31,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch holds G
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import TEXT_IDS, hf_config, log, randomize_gemma, timed  # noqa: E402
+from bench.common import TEXT_IDS, hf_config, log, randomize_gemma, timed, write_report  # noqa: E402
 
 IMAGE_AT = 100  # the image's <start_of_image> position: most text lies further than a window behind it
 
@@ -173,11 +173,7 @@ def main(argv=None) -> int:
     text = markdown(report)
     print(text)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "gemma3_gpu_parity.json"), "w") as f:
-            json.dump(report, f, indent=2)
-        with open(os.path.join(args.out, "gemma3_gpu_parity.md"), "w") as f:
-            f.write(text)
+        write_report(args.out, "gemma3_gpu_parity", report, text)
     return 0
 
 

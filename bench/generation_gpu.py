@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import statistics
@@ -39,7 +38,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import TEXT_IDS, hf_config, log, timed  # noqa: E402
+from bench.common import TEXT_IDS, hf_config, log, timed, write_report  # noqa: E402
 
 
 def prompt_ids(batch: int, length: int, bos: int, tiny: bool, seed: int) -> np.ndarray:
@@ -364,11 +363,7 @@ def main(argv=None) -> int:
     text = markdown(report)
     print(text)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "generation_gpu.json"), "w") as f:
-            json.dump(report, f, indent=2, default=str)
-        with open(os.path.join(args.out, "generation_gpu.md"), "w") as f:
-            f.write(text)
+        write_report(args.out, "generation_gpu", report, text)
     return 0
 
 

@@ -38,7 +38,7 @@ from PIL import Image  # noqa: E402
 
 
 from tests.helpers import theworld_reference as ref  # noqa: E402
-from bench.common import GEMMA3_4B_CONFIG, log, randomize_gemma, timed  # noqa: E402
+from bench.common import GEMMA3_4B_CONFIG, log, randomize_gemma, timed, write_report  # noqa: E402
 
 # The real tokenizer's special ids; every other id is a word "w<id>" (len 262145, like Gemma 3's).
 FULL_SPECIALS = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 105: "<start_of_turn>", 106: "<end_of_turn>",
@@ -263,11 +263,7 @@ def main(argv=None) -> int:
     text = markdown(res)
     print(text)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "theworld_gpu_parity.json"), "w") as f:
-            json.dump(res, f, indent=2)
-        with open(os.path.join(args.out, "theworld_gpu_parity.md"), "w") as f:
-            f.write(text)
+        write_report(args.out, "theworld_gpu_parity", res, text)
     if "error" in res.get("jax", {}):
         print(res["jax"].get("traceback", res["jax"]["error"]), file=sys.stderr)
         return 2

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import statistics
@@ -35,7 +34,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import log, timed  # noqa: E402
+from bench.common import log, timed, write_report  # noqa: E402
 
 TINY = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True])
 def video(b: int, t: int, size: int, seed: int) -> np.ndarray:
@@ -188,12 +187,8 @@ def main() -> None:
                                  diffusers=rel_l2(torch_mode(ref_bf16, x1, device, torch.bfloat16), expected))
     log(f"bf16 error vs the float32 reference: {results['bf16_error']}")
 
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2, default=str)
     table = markdown(results)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(table)
+    write_report(args.out, "results", results, table)
     print(table)
     if not all(r["passed"] for r in results["parity"]):
         sys.exit(1)
