@@ -18,13 +18,9 @@ from theworld_jax.attention import Layout, make_attention_mask
 from theworld_jax.config.gemma3 import Gemma3Config
 from theworld_jax.modeling.fusion import FusedBatch
 from theworld_jax.modeling.gemma3_text import Gemma3TextDecoder
+from theworld_jax.modeling.layers import positions_from_mask
 from theworld_jax.modeling.mm_projector import Gemma3MultiModalProjector
 from theworld_jax.modeling.siglip import SiglipVisionTower
-
-
-def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
-    """(B, L) 0/1 mask -> positions cumsum - 1, clipped at 0 (as transformers' generate computes them)."""
-    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
 def _is_concrete(x) -> bool:

@@ -1,4 +1,4 @@
-"""Gemma building blocks: (1 + w) RMSNorm, einsum projections, rotary embedding, gated MLP.
+"""Gemma building blocks: (1 + w) RMSNorm, einsum projections, positions and rotary embedding, gated MLP.
 
 Weights are stored in `param_dtype` and used in `dtype`; shapes are in the model's own axis order.
 """
@@ -83,6 +83,11 @@ class Embedding(nnx.Module):
         """x (B, L, D) -> x @ W^T (B, L, V), computed in `dtype`, returned in float32."""
         return jnp.einsum("BLD,VD->BLV", x.astype(self.dtype), self.embedding[...].astype(self.dtype),
                           preferred_element_type=jnp.float32)
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """(B, L) 0/1 mask -> positions cumsum - 1, clipped at 0 (as transformers' generate computes them)."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
