@@ -8,8 +8,8 @@ summed per HLO op (`hlo_op` of each kernel) and written with the optimized HLO t
 looked up. Also the copy bandwidth (the roofline's denominator) and, with --sampling, the cost of
 `sampling.choose` alone on (B, V) logits.
 
-    python bench/decode_profile.py --out /tmp/profile --label after --trace      # on a GPU
-    python bench/decode_profile.py --tiny --out /tmp/profile --trace             # CPU, tiny config
+    python -m bench.decode_profile --out /tmp/profile --label after --trace      # on a GPU
+    python -m bench.decode_profile --tiny --out /tmp/profile --trace             # CPU, tiny config
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import glob
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -31,12 +30,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(BENCH), "tests"))
-sys.path.insert(0, BENCH)
-
-from common import hf_config, log  # noqa: E402
-from generation_gpu import copy_bandwidth, random_model, tree_bytes  # noqa: E402
+from bench.common import hf_config, log  # noqa: E402
+from bench.generation_gpu import copy_bandwidth, random_model, tree_bytes  # noqa: E402
 
 from theworld_jax import generation, sampling  # noqa: E402
 from theworld_jax.config.gemma3 import Gemma3Config  # noqa: E402
