@@ -173,7 +173,7 @@ class FakeWorld:
 
 
 def test_generator_gives_the_first_image_to_the_world_branch():
-    from tiny_gemma import build_processor
+    from tests.helpers.tiny_gemma import build_processor
 
     processor = build_processor()
     model = FakeWorld(processor)

@@ -12,8 +12,8 @@ from PIL import Image
 
 from theworld_jax import TheWorld
 from theworld_jax.evaluate import main, runner
-from tiny_gemma import build_processor, build_tiny_gemma3, save_tiny_gemma3
-from tiny_vae import make_tiny_vae
+from tests.helpers.tiny_gemma import build_processor, build_tiny_gemma3, save_tiny_gemma3
+from tests.helpers.tiny_vae import make_tiny_vae
 
 
 @pytest.fixture(scope="module")

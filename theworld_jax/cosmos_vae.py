@@ -13,8 +13,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from theworld_jax import sources
-from theworld_jax.checkpoint import PARAMS_DIR, atomic_directory, restore_params
+from theworld_jax.checkpoint import PARAMS_DIR, restore_params
 from theworld_jax.config.wan_vae import WanVAEConfig
+from theworld_jax.io_safety import atomic_directory
 from theworld_jax.modeling import cosmos_vae
 from theworld_jax.weights.wan_vae_keys import export_wan_vae, load_wan_vae
 
@@ -32,8 +33,9 @@ class CosmosVAE(cosmos_vae.CosmosVAE):
         config = WanVAEConfig.from_json_file(os.path.join(directory, "config.json"))
         return restore_params(nnx.eval_shape(lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0))), directory)
 
-    def save_pretrained(self, directory: str) -> None:
+    def save_pretrained(self, directory: str, *, overwrite: bool = False) -> None:
         """Write the diffusers layout into `directory` (atomically), loadable by
-        diffusers.AutoencoderKLWan.from_pretrained and by `CosmosVAE.from_pretrained`."""
-        with atomic_directory(directory) as tmp:
+        diffusers.AutoencoderKLWan.from_pretrained and by `CosmosVAE.from_pretrained`; an existing
+        output is replaced only with `overwrite=True` (the rules of theworld_jax.io_safety)."""
+        with atomic_directory(directory, overwrite=overwrite, what="VAE output") as tmp:
             export_wan_vae(self, tmp)
