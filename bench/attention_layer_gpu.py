@@ -11,8 +11,8 @@ Parity: the decomposition's logic in float32 (jax.nn's XLA backend: cuDNN has no
 the float32 oracle, outputs and gradients, max |diff| over real rows; the bf16 fast path and the bf16
 oracle against the float32 oracle, relative L2 (the bf16 bound of docs/design.md: 2e-2).
 
-    python bench/attention_layer_gpu.py --out bench/results/attention_layer_gpu   # GPU
-    python bench/attention_layer_gpu.py --tiny                                     # CPU, small shapes
+    python -m bench.attention_layer_gpu --out bench/results/attention_layer_gpu   # GPU
+    python -m bench.attention_layer_gpu --tiny                                     # CPU, small shapes
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from theworld_jax.attention import _xla_attention, dot_product_attention, make_attention_mask  # noqa: E402
 from theworld_jax.interval_attention import interval_attention  # noqa: E402
 

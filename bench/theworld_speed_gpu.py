@@ -12,8 +12,8 @@ Parts:
   a named remat policy; the reference at B = 1, 2 (full logits) and B = 4 (logits_to_keep).
 JAX is allowed XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 of the card (set before jax loads, printed).
 
-    python bench/theworld_speed_gpu.py --part forward --out bench/results/theworld_speed_forward
-    python bench/theworld_speed_gpu.py --tiny --part all            # CPU, tiny models: checks the path
+    python -m bench.theworld_speed_gpu --part forward --out bench/results/theworld_speed_forward
+    python -m bench.theworld_speed_gpu --tiny --part all            # CPU, tiny models: checks the path
 """
 
 from __future__ import annotations
@@ -34,9 +34,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [REPO, os.path.join(REPO, "tests"), os.path.join(REPO, "bench")]
-from common import GEMMA3_4B_CONFIG, log  # noqa: E402
+from bench.common import GEMMA3_4B_CONFIG, log  # noqa: E402
 
 ANSWER = 40
 SOW, EOW = 262145, 262146
@@ -44,8 +42,8 @@ SOW, EOW = 262145, 262146
 
 def sizes(tiny: bool) -> dict:
     if tiny:
-        from tiny_gemma import tiny_gemma3_config
-        from tiny_vae import TINY_CONFIGS
+        from tests.helpers.tiny_gemma import tiny_gemma3_config
+        from tests.helpers.tiny_vae import TINY_CONFIGS
 
         return dict(config=tiny_gemma3_config(), vae=TINY_CONFIGS["cosmos_like"], vae_size=32, image=56, mm=4,
                     answer=8, prompt=64, sow=298, eow=299, text=(10, 250))

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
-from tiny_gemma import build_processor, build_tiny_gemma3, save_tiny_gemma3
-from tiny_text_decoder import build_hf, load_decoder, save_language_model
-from tiny_vae import make_tiny_vae
+from tests.helpers.tiny_gemma import build_processor, build_tiny_gemma3, save_tiny_gemma3
+from tests.helpers.tiny_text_decoder import build_hf, load_decoder, save_language_model
+from tests.helpers.tiny_vae import make_tiny_vae
 
 from theworld_jax import TheWorld
 from theworld_jax.attention import make_attention_mask

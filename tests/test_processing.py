@@ -5,7 +5,7 @@ import json
 import pytest
 
 from theworld_jax.processing import load_processor
-from tiny_gemma import build_processor
+from tests.helpers.tiny_gemma import build_processor
 
 
 @pytest.fixture(scope="module")
