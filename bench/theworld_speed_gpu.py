@@ -22,7 +22,6 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -34,7 +33,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import GEMMA3_4B_CONFIG, log  # noqa: E402
+from bench.common import GEMMA3_4B_CONFIG, log, timed  # noqa: E402
 
 ANSWER = 40
 SOW, EOW = 262145, 262146
@@ -72,17 +71,8 @@ def make_batch(z: dict, b: int, seed: int = 0) -> dict:
 
 def med(fn, wait, warmup: int, repeats: int):
     """(first-call seconds, median seconds of `repeats` calls after `warmup` more)."""
-    t0 = time.perf_counter()
-    wait(fn())
-    first = time.perf_counter() - t0
-    for _ in range(warmup):
-        wait(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        wait(fn())
-        times.append(time.perf_counter() - t0)
-    return first, statistics.median(times)
+    _, first, median, _ = timed(fn, wait, repeats=repeats, warmup=warmup)
+    return first, median
 
 
 # ------------------------------------------------------------------ PyTorch reference

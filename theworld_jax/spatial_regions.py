@@ -54,16 +54,27 @@ class SpatialExample:
     boxes: tuple[tuple[float, float, float, float], ...]
 
 
+def parse_serialised(value: Any) -> Any:
+    """`value` itself, or the object a JSON / Python-literal string spells (HF datasets serialise both);
+    ValueError for a string that is neither."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError) as e:
+            raise ValueError(f"not a JSON or Python literal: {value[:60]!r}") from e
+
+
 def parse_listlike(value: Any, what: str) -> list:
     """A list given as a list, a JSON string or a Python-literal string (HF datasets serialise both)."""
     if isinstance(value, str):
         try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            try:
-                value = ast.literal_eval(value)
-            except (ValueError, SyntaxError) as e:
-                raise ValueError(f"{what} is a string that is not a list: {value[:60]!r}") from e
+            value = parse_serialised(value)
+        except ValueError as e:
+            raise ValueError(f"{what} is a string that is not a list: {value[:60]!r}") from e
     if value is None:
         return []
     if not isinstance(value, (list, tuple)):

@@ -17,53 +17,9 @@ import transformers
 from safetensors.numpy import save_file
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 
-# The base tokenizer's special tokens (ids 0..8). <start_of_world>/<end_of_world> are not here:
-# TheWorld adds them itself at len(tokenizer) and len(tokenizer) + 1.
-SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
-                  "<start_of_image>", "<end_of_image>", "<image_soft_token>")
-BPE_VOCAB_SIZE = 280
-IMAGE_SIZE = 56
-PATCH_SIZE = 14
-MM_TOKENS_PER_IMAGE = 4
-VOCAB_SIZE = 300
-
-# The Gemma 3 chat template: optional system turn folded into the first user turn, roles
-# user/model alternating, images rendered as <start_of_image> (the processor expands them).
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{%- if messages[0]['role'] == 'system' -%}"
-    "{%- if messages[0]['content'] is string -%}"
-    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
-    "{%- else -%}"
-    "{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}"
-    "{%- endif -%}"
-    "{%- set loop_messages = messages[1:] -%}"
-    "{%- else -%}"
-    "{%- set first_user_prefix = '' -%}"
-    "{%- set loop_messages = messages -%}"
-    "{%- endif -%}"
-    "{%- for message in loop_messages -%}"
-    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'assistant' -%}{%- set role = 'model' -%}"
-    "{%- else -%}{%- set role = message['role'] -%}{%- endif -%}"
-    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
-    "{%- if message['content'] is string -%}"
-    "{{ message['content'] | trim }}"
-    "{%- elif message['content'] is iterable -%}"
-    "{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}"
-    "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- else -%}"
-    "{{ raise_exception('Invalid content type') }}"
-    "{%- endif -%}"
-    "{{ '<end_of_turn>\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
-)
+# The tiny sizes, Gemma 3's special tokens and chat template: the same as the package's own tiny models.
+from theworld_jax.tiny import (  # noqa: E402
+    BPE_VOCAB_SIZE, CHAT_TEMPLATE, IMAGE_SIZE, MM_TOKENS_PER_IMAGE, PATCH_SIZE, SPECIAL_TOKENS, VOCAB_SIZE)
 
 _CORPUS = (
     "What is in this image? Describe the scene in one sentence.",

@@ -16,7 +16,6 @@ read. OUT must not exist or be empty; nothing outside it is written.
 from __future__ import annotations
 
 import argparse
-import ast
 import glob
 import json
 import os
@@ -24,7 +23,7 @@ import sys
 from typing import Iterable
 
 from theworld_jax.evaluate.data import read_table
-from theworld_jax.spatial_regions import parse_listlike, rewrite_conversation
+from theworld_jax.spatial_regions import parse_serialised, rewrite_conversation
 
 DATA_FILE = "data.jsonl"
 VSR_TEMPLATE = "Statement: {caption}\nAnswer (only '0' or '1'):"  # upstream's vsr_training template
@@ -127,14 +126,11 @@ def convert_vsr(src: str, images: str, out: str) -> int:
 
 # ------------------------------------------------------------------ SpatialRGPT-Bench
 def _as_dict(value) -> dict:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            try:
-                value = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                return {}
+    """A dict given as a dict or a serialised string; {} for anything else."""
+    try:
+        value = parse_serialised(value)
+    except ValueError:
+        return {}
     return value if isinstance(value, dict) else {}
 
 
