@@ -1,6 +1,7 @@
 """The command lines: installable entry points, --help on every option, argument errors in one line
 before any model is loaded, and progress lines only on request."""
 
+import argparse
 import importlib
 import os
 import subprocess
@@ -30,21 +31,26 @@ def test_the_commands_are_console_scripts():
         assert callable(getattr(module, function)), name
 
 
-@pytest.mark.parametrize("name", sorted(SCRIPTS))
-def test_help_on_every_option(name, capsys):
-    module, function = _entry(SCRIPTS[name])
+@pytest.mark.parametrize("name", sorted(SCRIPTS) + ["python -m theworld_jax.evaluate.convert"])
+def test_help_on_every_option(name, capsys, monkeypatch):
+    spec = SCRIPTS.get(name, "theworld_jax.evaluate.convert:main")
+    module, function = _entry(spec)
+    printed = []  # the parser that answers --help, whichever function builds it
+    print_help = argparse.ArgumentParser.print_help
+    monkeypatch.setattr(argparse.ArgumentParser, "print_help",
+                        lambda self, file=None: (printed.append(self), print_help(self, file))[1])
     with pytest.raises(SystemExit) as exit_:
         getattr(module, function)(["--help"])
-    assert exit_.value.code == 0 and "usage" in capsys.readouterr().out
-    if not hasattr(module, "parser"):
-        return
-    parsers = [module.parser()]
+    assert exit_.value.code == 0 and "usage" in capsys.readouterr().out and len(printed) == 1
+    parsers, options = printed, 0
     for p in parsers:
         for action in p._actions:
             if action.choices and isinstance(action.choices, dict):  # sub-commands
                 parsers.extend(action.choices.values())
             elif action.dest != "help":
+                options += 1
                 assert action.help, f"{name} {p.prog}: {action.option_strings or action.dest} has no help"
+    assert options
 
 
 def test_convert_runs_from_the_repo_root_and_as_a_module_from_anywhere(tmp_path):

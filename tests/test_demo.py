@@ -3,19 +3,34 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 
 import pytest
+from transformers.utils import logging as transformers_logging
 
 from theworld_jax import demo
 
 
-def test_the_demo_runs_every_stage_and_says_what_it_did(tmp_path):
+@pytest.fixture
+def transformers_messages(caplog, recwarn):
+    """What transformers logs (at its default verbosity, warnings) and warns during the test."""
+    logger, level = logging.getLogger("transformers"), transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_warning()
+    logger.addHandler(caplog.handler)  # transformers' loggers do not propagate to the root logger
+    yield lambda: [r.getMessage() for r in caplog.records] + [str(w.message) for w in recwarn]
+    logger.removeHandler(caplog.handler)
+    transformers_logging.set_verbosity(level)
+
+
+def test_the_demo_runs_every_stage_and_says_what_it_did(tmp_path, transformers_messages):
     workdir = tmp_path / "demo"
     out = io.StringIO()
     assert demo.main(["--workdir", str(workdir)], out=out) == 0
     text = out.getvalue()
+    spurious = [m for m in transformers_messages() if "You are using a model of type" in m]
+    assert not spurious  # the demo loads a save_pretrained directory too
     stages = re.findall(r"^\[(\d)/(\d)\] (\w+):", text, flags=re.M)
     assert [s[2] for s in stages] == ["build", "load", "ask", "save", "export"], text
     assert len(re.findall(r"^    \(\d+\.\d s\)$", text, flags=re.M)) == len(stages), text

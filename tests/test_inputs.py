@@ -79,3 +79,22 @@ def test_images_need_the_world_branch():
         prepare_batch(plain, [[BOS, 7]], images=rgb())
     with pytest.raises(ValueError, match="position_ids cannot be given with images"):
         prepare_batch(SPEC, [[BOS, 7]], position_ids=[[0, 1]], images=rgb())
+
+
+def test_logits_to_keep_follows_the_injected_markers():
+    ids = np.array([[0, BOS, 5, 6], [BOS, 5, 6, 7]])
+    mask = np.array([[0, 1, 1, 1], [1, 1, 1, 1]])
+    keep = np.array([[-1, 1, 3], [0, 2, 3]])
+    batch = prepare_batch(SPEC, ids, mask, images=[rgb(0), rgb(1)], logits_to_keep=keep)
+    assert batch.logits_to_keep.tolist() == [[-1, 1, 5], [0, 4, 5]]
+    kept = np.take_along_axis(batch.input_ids, np.maximum(batch.logits_to_keep, 0), axis=1)
+    assert (kept == np.take_along_axis(ids, np.maximum(keep, 0), axis=1))[keep >= 0].all()
+    assert prepare_batch(SPEC, ids, mask, logits_to_keep=keep).logits_to_keep.tolist() == keep.tolist()
+
+
+@pytest.mark.parametrize("keep, message", [(np.array([[4]]), r"logits_to_keep must lie in \[-1, 4\)"),
+                                           (np.array([[1], [2]]), "logits_to_keep has 2 rows, expected 1"),
+                                           (2, "an int N")])
+def test_bad_logits_to_keep_is_one_line(keep, message):
+    with pytest.raises(ValueError, match=message):
+        prepare_batch(SPEC, [BOS, 5, 6, 7], logits_to_keep=keep)

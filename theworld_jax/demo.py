@@ -38,8 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", help="a real Gemma 3 / TheWorld checkpoint (directory or hub id) instead of the tiny one")
     p.add_argument("--cosmos", help="a real Cosmos VAE (diffusers directory, one with vae/, or hub id)")
     p.add_argument("--image", help="the image to ask about (default: the sample image shipped with the package)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 24 (tiny), 96 (real)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the question asked about the image")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="answer length cap (default: 24 tiny, 96 real)")
     args = p.parse_args(argv)
     if (args.model is None) != (args.cosmos is None):
         p.error("--model and --cosmos go together (the real Gemma 3 and the real Cosmos VAE)")

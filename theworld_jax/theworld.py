@@ -174,23 +174,17 @@ class TheWorld:
         (-1 = none; e.g. `fusion.labelled_positions(labels)`): logits (B, K, V) there, and the loss from
         them alone. remat: a decoder remat policy name (modeling.gemma3_text.REMAT_POLICIES).
         """
+        static = isinstance(logits_to_keep, (int, np.integer))
+        last = int(logits_to_keep) if static else None  # static: it fixes the logits' shape
         batch = prepare_batch(self.input_spec, input_ids, attention_mask, pixel_values=pixel_values,
-                              token_type_ids=token_type_ids, labels=labels, position_ids=position_ids, images=images)
-        keep = logits_to_keep
-        if keep is not None and not isinstance(keep, int):
-            keep = np.asarray(keep, np.int32)
-            injected = batch.input_ids.shape[1] - np.shape(input_ids)[-1]
-            if injected:  # <sow><eow> went in after each row's first real token
-                first = np.argmax(np.asarray(batch.attention_mask) != 0, axis=1)[:, None]
-                keep = np.where(keep > first, keep + injected, keep)
-            keep = jnp.asarray(keep)
+                              token_type_ids=token_type_ids, labels=labels, position_ids=position_ids, images=images,
+                              logits_to_keep=None if static else logits_to_keep)
         layout = batch_layout(batch, self.config.world_attention)
         if self.mesh is not None:
             batch = jax.tree.map(lambda v: jax.device_put(v, sharding.batch_sharding(self.mesh, v.shape)), batch)
-        last = keep if isinstance(keep, int) else None  # static: it fixes the logits' shape
         with sharding.activate(self.mesh):
             return jit_module(_forward, self.model, static_argnames=("last", "layout", "remat"))(
-                batch, None if last else keep, last=last, layout=layout, remat=remat)
+                batch, last=last, layout=layout, remat=remat)
 
     # ------------------------------------------------------------------ generation
     def generate(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None, images=None, *,
@@ -231,6 +225,8 @@ class TheWorld:
         return self.input_spec.world_tokens(frames)
 
 
-def _forward(model: TheWorldModel, batch: Batch, keep, *, last, layout, remat) -> ForwardOutput:
-    return model.forward(**batch.model_inputs(), logits_to_keep=keep if last is None else last, layout=layout,
-                         remat=remat)
+def _forward(model: TheWorldModel, batch: Batch, *, last, layout, remat) -> ForwardOutput:
+    inputs = batch.model_inputs()
+    if last is not None:
+        inputs["logits_to_keep"] = last
+    return model.forward(**inputs, layout=layout, remat=remat)

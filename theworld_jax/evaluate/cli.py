@@ -32,12 +32,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     base.add_argument("--baseline", help="a second checkpoint to compare with")
     base.add_argument("--no-world-baseline", action="store_true",
                       help="compare with the same checkpoint, world branch off")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="rows per generate call (default 8)")
     p.add_argument("--max-new-tokens", type=int,
                    help="default: by the kinds of rows (choice 16, binary 8, open 32, SpatialRGPT 128)")
     p.add_argument("--judge", help="a local Gemma 3 / TheWorld checkpoint judging the qualitative rows")
     p.add_argument("--cosmos", help="the Cosmos VAE for a plain Gemma 3 --model / --baseline")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="compute dtype (default bfloat16)")
     p.add_argument("--limit", type=int, help="only the first N rows")
     p.add_argument("--mesh", help="DATA,FSDP,TENSOR: place the model on a mesh of all devices (one may be -1)")
     return p.parse_args(argv)

@@ -26,8 +26,9 @@ class Batch:
 
     input_ids, attention_mask: (B, L) int32, with <start_of_world><end_of_world> in place when `video` is
     given; token_type_ids, labels, position_ids: (B, L) int32 or None; pixel_values: (N_img, C, S, S) in
-    the model's dtype or None; video: (B, T, H, W, 3) float32 VAE input or None; world_tokens: the world
-    tokens the model splices into each row (0 without video).
+    the model's dtype or None; video: (B, T, H, W, 3) float32 VAE input or None; logits_to_keep: (B, K)
+    int32 positions of these input_ids whose logits are wanted (-1 = none) or None; world_tokens: the
+    world tokens the model splices into each row (0 without video).
     """
 
     input_ids: Any
@@ -37,10 +38,11 @@ class Batch:
     position_ids: Any = None
     pixel_values: Any = None
     video: Any = None
+    logits_to_keep: Any = None
     world_tokens: int = struct.field(pytree_node=False, default=0)
 
     def model_inputs(self) -> dict[str, Any]:
-        """The arrays as keyword arguments of `Gemma3Model.lm_inputs` / `TheWorldModel.forward`."""
+        """The arrays as keyword arguments of `TheWorldModel.forward`."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "world_tokens"}
 
 
@@ -115,13 +117,25 @@ def _world_samples(images, rows: int) -> list:
     return samples
 
 
+def _keep_positions(logits_to_keep, rows: int, length: int) -> np.ndarray:
+    """(B, K) int32 positions in [-1, length) for `rows` rows (a (K,) array is one row)."""
+    if isinstance(logits_to_keep, (int, np.integer)):
+        raise ValueError("prepare_batch takes logits_to_keep as (batch, K) positions; an int N (the last N) "
+                         "is static and goes to the forward itself")
+    keep = as_ids("logits_to_keep", logits_to_keep, bounds=(-1, length))
+    if keep.shape[0] != rows:
+        raise ValueError(f"logits_to_keep has {keep.shape[0]} rows, expected {rows} like input_ids")
+    return keep
+
+
 def prepare_batch(spec: InputSpec, input_ids, attention_mask=None, *, pixel_values=None, token_type_ids=None,
-                  labels=None, position_ids=None, images=None) -> Batch:
+                  labels=None, position_ids=None, images=None, logits_to_keep=None) -> Batch:
     """Check and convert what a caller passes into a `Batch` (see its docstring for the shapes).
 
     input_ids (B, L) (or (L,)) ids in [0, vocab); attention_mask default all ones; `images` (one per row,
     or a single image or clip for one row) turn the world branch on: the world markers are injected after
-    BOS unless the rows carry them, and the VAE input is built as the config says.
+    BOS unless the rows carry them, and the VAE input is built as the config says. logits_to_keep: (B, K)
+    positions of the given input_ids (-1 = none), moved past the markers when they are injected.
     """
     text = spec.gemma.text
     ids = as_ids("input_ids", input_ids, bounds=(0, text.vocab_size))
@@ -129,11 +143,12 @@ def prepare_batch(spec: InputSpec, input_ids, attention_mask=None, *, pixel_valu
     mask = np.ones_like(ids) if attention_mask is None else as_ids("attention_mask", attention_mask, (b, length))
     types, labs, positions = (None if x is None else as_ids(name, x, (b, length)) for name, x in (
         ("token_type_ids", token_type_ids), ("labels", labels), ("position_ids", position_ids)))
+    keep = None if logits_to_keep is None else _keep_positions(logits_to_keep, b, length)
     if pixel_values is not None:
         _check_image_tokens(spec, ids, pixel_values)
         pixel_values = _pixels(pixel_values, spec.dtype)
     if images is None:
-        return Batch(ids, mask, types, labs, positions, pixel_values)
+        return Batch(ids, mask, types, labs, positions, pixel_values, logits_to_keep=keep)
     world = spec.world
     if world is None:
         raise ValueError("images were given but the world branch is disabled (enable_world=False)")
@@ -142,7 +157,10 @@ def prepare_batch(spec: InputSpec, input_ids, attention_mask=None, *, pixel_valu
     samples = _world_samples(images, b)
     ids, mask, types, labs = inject_world_tokens(ids, mask, types, labs, bos_id=text.bos_token_id,
                                                  sow_id=world.sow_token_id, eow_id=world.eow_token_id)
+    if keep is not None and ids.shape[1] > length:  # <sow><eow> went in after each row's first real token
+        first = np.argmax(mask != 0, axis=1)[:, None]
+        keep = np.where(keep > first, keep + ids.shape[1] - length, keep)
     video = prepare_video(samples, size=world.vae_image_size, value_range=world.vae_input_range)
     n_world = spec.world_tokens(video.shape[1])
     check_fused_length(ids.shape[1], n_world, text.max_position_embeddings)
-    return Batch(ids, mask, types, labs, None, pixel_values, video, world_tokens=n_world)
+    return Batch(ids, mask, types, labs, None, pixel_values, video, keep, world_tokens=n_world)
