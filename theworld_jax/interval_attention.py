@@ -18,7 +18,9 @@ blocks contiguous, the mask rule of attention.py lets every real query t see ONE
      down to e - i - W, and key_value_seq_lengths = e keeps positions before the row's start out;
    their outputs replace the main call's rows of those queries (whose gradient is then zero);
 4. roll back; padding queries get zeros, rows that break the `Layout` get NaN.
-Gradients come from the kernel's own backward: no log-sum-exp merge is needed.
+Gradients come from the kernel's own backward: no log-sum-exp merge is needed. Every move of rows is a
+per-row dynamic slice or dynamic-update-slice (a copy forward, a copy backward); gathers along the
+sequence would turn into scatter-adds in the backward pass.
 """
 
 from __future__ import annotations
@@ -34,14 +36,35 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _rows(x: jax.Array, index: jax.Array) -> jax.Array:
-    """x (B, T, ...) gathered along T at index (B, P) -> (B, P, ...)."""
-    return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
+def _window(x: jax.Array, start: jax.Array, length: int) -> jax.Array:
+    """x (B, T, ...), start (B,) int -> (B, length, ...): row b holds x[b, start[b] + j], zeros where
+    start[b] + j falls outside [0, T). start must lie in [-length, T]."""
+    b = x.shape[0]
+    pad = [(0, 0), (length, length)] + [(0, 0)] * (x.ndim - 2)
+    padded = jnp.pad(x, pad)
+    rest = (0,) * (x.ndim - 2)
+    size = (1, length) + x.shape[2:]
+    return jnp.concatenate([jax.lax.dynamic_slice(padded, (i, start[i] + length) + rest, size) for i in range(b)])
+
+
+def _write(out: jax.Array, rows: jax.Array, start: jax.Array, keep: jax.Array) -> jax.Array:
+    """out (B, T, ...) with rows (B, L, ...) written at positions start[b] + j where keep (B, L) holds;
+    positions outside [0, T) are dropped. start must lie in [-L, T]."""
+    b, length = rows.shape[:2]
+    pad = [(0, 0), (length, length)] + [(0, 0)] * (out.ndim - 2)
+    padded = jnp.pad(out, pad)
+    rest = (0,) * (out.ndim - 2)
+    keep = keep.reshape(keep.shape + (1,) * (out.ndim - 2))
+    for i in range(b):
+        at = (i, start[i] + length) + rest
+        region = jax.lax.dynamic_slice(padded, at, (1,) + rows.shape[1:])
+        padded = jax.lax.dynamic_update_slice(padded, jnp.where(keep[i:i + 1], rows[i:i + 1], region), at)
+    return padded[:, length:length + out.shape[1]]
 
 
 def block_plan(mask: AttentionMask) -> dict[str, jax.Array]:
-    """Per row: first real token, real count, each slot's block (begin, length), the slot of each
-    position (-1: none) and `ok` (the row fits the mask's Layout)."""
+    """Per row: first real token, real count, each slot's block (begin, length; slots a row does not
+    fill have length 0) and `ok` (the row fits the mask's Layout)."""
     valid, slots = mask.k_valid, len(mask.layout.blocks)
     b, t = valid.shape
     pos = jnp.arange(t, dtype=jnp.int32)[None]
@@ -54,12 +77,12 @@ def block_plan(mask: AttentionMask) -> dict[str, jax.Array]:
     run = jnp.where(block > 0, jnp.cumsum(starts, axis=1, dtype=jnp.int32), 0)  # 1, 2, ... per row
     ok &= jnp.all(jnp.where(starts, block > jax.lax.cummax(before, axis=1), True), axis=1)  # one run per id
     ok &= jnp.max(run, axis=1) <= slots
-    plan = dict(first=first, count=count, ok=ok, slot=jnp.full((b, t), -1, jnp.int32))
+    plan = dict(first=first, count=count, ok=ok)
     if slots == 0:
         return plan
     member = run[:, :, None] == jnp.arange(1, slots + 1, dtype=jnp.int32)  # (B, T, runs)
     length = jnp.sum(member, axis=1, dtype=jnp.int32)
-    begin = jnp.argmax(member, axis=1).astype(jnp.int32)
+    begin = jnp.where(length > 0, jnp.argmax(member, axis=1), first[:, None]).astype(jnp.int32)
     li, lj = length[:, :, None], length[:, None, :]
     i, j = np.arange(slots)[:, None], np.arange(slots)[None, :]
     rank = jnp.sum((lj > li) | ((lj == li) & (j < i)), axis=2, dtype=jnp.int32)  # longest first -> slot
@@ -67,7 +90,6 @@ def block_plan(mask: AttentionMask) -> dict[str, jax.Array]:
     plan["length"] = jnp.sum(jnp.where(chosen, length[:, None], 0), axis=2)
     plan["begin"] = jnp.sum(jnp.where(chosen, begin[:, None], 0), axis=2)
     plan["ok"] = ok & jnp.all(plan["length"] <= jnp.asarray(mask.layout.blocks, jnp.int32), axis=1)
-    plan["slot"] = jnp.where(run > 0, jnp.take_along_axis(rank, jnp.clip(run - 1, 0, slots - 1), axis=1), -1)
     return plan
 
 
@@ -81,54 +103,35 @@ def interval_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Attention
     if window is not None and window >= t:
         window = None  # the window holds every earlier key
     plan = block_plan(mask)
-    first, count = plan["first"], plan["count"]
+    first = plan["first"]
     tp = _round_up(t, multiple)
-    roll = (jnp.arange(tp, dtype=jnp.int32)[None] + first[:, None]) % t  # rolled p <- token first + p
-    qr, kr, vr = (_rows(x, roll) for x in (q, k, v))
+    qr, kr, vr = (_window(x, first, tp) for x in (q, k, v))  # rolled p <- token first + p (zeros past T)
     attend = lambda q_, k_, v_, **kw: jax.nn.dot_product_attention(q_, k_, v_, scale=scale, implementation=backend,
                                                                    **kw)
     out = attend(qr, kr, vr, is_causal=True, local_window_size=None if window is None else (window - 1, 0))
-    p = jnp.arange(tp, dtype=jnp.int32)[None]
-    slot_of = jnp.where(p < count[:, None], _rows(plan["slot"], roll), -1)  # (B, tp)
-    bounds = mask.layout.blocks
-    for bound in sorted(set(bounds), reverse=True):
-        group = [r for r, x in enumerate(bounds) if x == bound]
-        out = _recompute_group(out, qr, kr, vr, plan, group, bound, slot_of, attend, window, multiple)
-    back = (jnp.arange(t, dtype=jnp.int32)[None] - first[:, None]) % t
-    out = jnp.where(mask.k_valid[:, :, None, None], _rows(out, back), jnp.zeros((), out.dtype))
+    for slot, bound in enumerate(mask.layout.blocks):
+        s = plan["begin"][:, slot] - first  # (B,) the block's rolled start
+        e = s + plan["length"][:, slot]  # (B,) its rolled end
+        rows, at, keep = _block_rows(qr, kr, vr, s, e, bound, attend, window, multiple)
+        out = _write(out, rows, at, keep)
+    out = jnp.where(mask.k_valid[:, :, None, None], _window(out, -first, t), jnp.zeros((), out.dtype))
     return jnp.where(plan["ok"][:, None, None, None], out, jnp.asarray(jnp.nan, out.dtype))
 
 
-def _recompute_group(out, qr, kr, vr, plan, group, bound, slot_of, attend, window, multiple):
-    """Replace the rows of the blocks in slots `group` (bound `bound`) by their exact attention."""
-    b, tp, n, h = qr.shape
-    g = len(group)
-    first = plan["first"][:, None]
-    s = plan["begin"][:, group] - first  # (B, g) rolled block starts
-    e = s + plan["length"][:, group]  # (B, g) rolled block ends
-    flat = lambda x: x.reshape((b * g,) + x.shape[2:])
+def _block_rows(qr, kr, vr, s, e, bound, attend, window, multiple):
+    """The exact outputs of the block [s, e) of each row (length <= bound): (rows (B, bound, N, H), the
+    rolled position of rows[:, 0] (B,), which rows belong to the block (B, bound))."""
+    j = jnp.arange(bound, dtype=jnp.int32)[None]
     if window is None:
         size = _round_up(bound, multiple)
-        j = jnp.arange(size, dtype=jnp.int32)
-        qb = _rows(qr, jnp.clip(s[..., None] + j, 0, tp - 1).reshape(b, g * size))
-        kb, vb = (jnp.repeat(x, g, axis=0) for x in (kr, vr))
-        ob = attend(flat(qb.reshape(b, g, size, n, h)), kb, vb, key_value_seq_lengths=flat(jnp.maximum(e, 1)))
-    else:
-        size = _round_up(bound + window - 1, multiple)
-        j = jnp.arange(size, dtype=jnp.int32)
-        i = j - (window - 1)
-        dummy = (i < 0) | (i >= bound)
-        qb = _rows(qr, jnp.clip(e[..., None] - 1 - i, 0, tp - 1).reshape(b, g * size))
-        qb = jnp.where(jnp.tile(dummy, g)[None, :, None, None], jnp.zeros((), qb.dtype), qb)
-        src = jnp.clip(e[..., None] - 1 - j, 0, tp - 1).reshape(b, g * size)
-        kb, vb = (flat(_rows(x, src).reshape((b, g, size) + x.shape[2:])) for x in (kr, vr))
-        ob = attend(flat(qb.reshape(b, g, size, n, h)), kb, vb, is_causal=True,
-                    key_value_seq_lengths=flat(jnp.clip(e, 1, size)))
-    hit = slot_of[..., None] == jnp.asarray(group, jnp.int32)  # (B, tp, g)
-    which = jnp.argmax(hit, axis=-1).astype(jnp.int32)
-    s_p, e_p = jnp.take_along_axis(s, which, axis=1), jnp.take_along_axis(e, which, axis=1)
-    p = jnp.arange(tp, dtype=jnp.int32)[None]
-    row = p - s_p if window is None else window - 1 + (e_p - 1 - p)
-    index = jnp.clip(which * size + row, 0, g * size - 1)
-    mine = _rows(ob.reshape(b, g * size, n, h), index)
-    return jnp.where(jnp.any(hit, axis=-1)[..., None, None], mine, out)
+        rows = attend(_window(qr, s, size), kr, vr, key_value_seq_lengths=jnp.maximum(e, 1))[:, :bound]
+        return rows, s, j < (e - s)[:, None]
+    # Reversed: problem position W - 1 + i holds query e - 1 - i, key position j holds token e - 1 - j.
+    size = _round_up(bound + window - 1, multiple)
+    flip = lambda x: jnp.flip(x, axis=1)
+    queries = flip(_window(qr, e - bound, bound))
+    queries = jnp.pad(queries, ((0, 0), (window - 1, size - bound - window + 1), (0, 0), (0, 0)))
+    keys, values = (flip(_window(x, e - size, size)) for x in (kr, vr))
+    out = attend(queries, keys, values, is_causal=True, key_value_seq_lengths=jnp.clip(e, 1, size))
+    rows = flip(out[:, window - 1:window - 1 + bound])  # rows[m] is query e - bound + m
+    return rows, e - bound, j >= bound - (e - s)[:, None]
