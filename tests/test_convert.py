@@ -187,7 +187,17 @@ def test_a_corrupt_orbax_checkpoint_is_named_in_one_line(sources, tmp_path, caps
 
 @pytest.mark.parametrize("command,dtype", [("gemma3", "bfloat16"), ("gemma3", "float32"), ("cosmos-vae", "bfloat16")])
 def test_convert_writes_the_requested_dtype(sources, tmp_path, command, dtype):
+    import os
+
     src = sources / ("gemma" if command == "gemma3" else "vae")
-    main([command, "--src", str(src), "--dst", str(tmp_path / "out"), "--dtype", dtype])
+    umask = os.umask(0o027)  # every file and directory written follows the user's umask
+    try:
+        main([command, "--src", str(src), "--dst", str(tmp_path / "out"), "--dtype", dtype])
+    finally:
+        os.umask(umask)
     written = orbax_params(str(tmp_path / "out"))
     assert written and {d for _, d in written.values()} == {jnp.dtype(dtype)}
+    paths = [str(tmp_path / "out")] + [os.path.join(d, n) for d, ds, fs in os.walk(tmp_path / "out") for n in ds + fs]
+    modes = {p: oct(os.stat(p).st_mode & 0o777) for p in paths}
+    assert len(modes) > 5 and {m for p, m in modes.items() if os.path.isdir(p)} == {oct(0o750)}
+    assert {m for p, m in modes.items() if not os.path.isdir(p)} == {oct(0o640)}, modes

@@ -4,14 +4,16 @@ resume after an interruption with the same report, the plot, and argument checks
 
 import json
 import os
+import re
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from theworld_jax import TheWorld
+from theworld_jax import TheWorld, progress
 from theworld_jax.evaluate import main, runner
+from theworld_jax.evaluate.data import Item
 from tests.helpers.tiny_gemma import build_processor, build_tiny_gemma3, save_tiny_gemma3
 from tests.helpers.tiny_vae import make_tiny_vae
 
@@ -123,8 +125,8 @@ def test_resume_after_interruption_gives_the_uninterrupted_report(setup, tmp_pat
     assert _run(setup, full, "--baseline", str(setup / "world_b")) == 0
     cut = tmp_path / "cut"
     spy = CountingGenerate(monkeypatch, stop_after=1)  # killed after the first batch of two rows
-    with pytest.raises(Interrupted):
-        _run(setup, cut, "--baseline", str(setup / "world_b"))
+    with pytest.raises(Interrupted):  # --debug: the stand-in for a kill propagates instead of a one-line error
+        _run(setup, cut, "--baseline", str(setup / "world_b"), "--debug")
     done = [json.loads(line)["id"] for line in open(cut / "model" / "predictions.jsonl")]
     assert sorted(done) == ["bad", "c0", "j0"]
     with open(cut / "model" / "predictions.jsonl", "a") as f:
@@ -165,3 +167,33 @@ def test_arguments_checked_before_any_model_load(setup, tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         main(["--model", str(setup / "world_a"), "--data", data, "--out", str(tmp_path / "o4"), "--baseline",
               str(setup / "world_b"), "--no-world-baseline"])
+
+
+def _rows(n):
+    return [Item(id=str(i), task="vsr", kind="binary", question="q", prompt="p", answer="1", gold="1", images=())
+            for i in range(n)]
+
+
+def test_progress_over_the_rows_on_a_terminal_and_quiet_silences_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("THEWORLD_PROGRESS", "1")  # as on a terminal
+    generate = lambda prompts, images: ["1"] * len(prompts)  # noqa: E731
+    runner.run_predictions(generate, _rows(5), [], str(tmp_path), batch_size=2, desc="world")
+    assert re.search(r"world: .*/5 \[", capsys.readouterr().err)
+    progress.set_quiet(True)  # what --quiet does
+    try:
+        runner.run_predictions(generate, _rows(7), [], str(tmp_path), batch_size=2, desc="world")
+    finally:
+        progress.set_quiet(False)
+    assert capsys.readouterr().err == ""
+
+
+def test_errors_of_the_work_are_one_line_and_debug_shows_them(tmp_path, capsys):
+    (tmp_path / "data.jsonl").write_text(json.dumps({"id": "v", "task": "vsr", "kind": "binary", "image": "x.png",
+                                                     "question": "Statement: x", "answer": "1"}) + "\n")
+    (tmp_path / "empty").mkdir()
+    argv = ["--model", str(tmp_path / "empty"), "--data", str(tmp_path / "data.jsonl"), "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "o1")]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("evaluate: error: ") and "empty" in lines[0], lines
+    with pytest.raises(Exception, match="empty"):
+        main([*argv, "--out", str(tmp_path / "o2"), "--debug"])

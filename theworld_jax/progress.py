@@ -4,6 +4,7 @@ Shown when stderr is a terminal, or always with THEWORLD_PROGRESS=1; never with 
 after `set_quiet()` (the command lines' --quiet). Everything goes to stderr.
 
     for x in progress.bar(items, desc="encoding images"): ...
+    with progress.counter(len(rows), desc="evaluate", unit="row") as done: done.update(len(batch))
     with progress.step("writing OUT"): ...          # "writing OUT ..." then "writing OUT: 3.2 s"
     progress.announce_compiles(_forward_jit, "the forward pass")   # a jitted function: one line before
                                                     # each compilation, one with its time after
@@ -50,6 +51,26 @@ def bar(iterable: Iterable, *, desc: str, total: int | None = None) -> Iterable:
     if not enabled():
         return iterable
     return tqdm(iterable, desc=desc, total=total, leave=False, file=sys.stderr, dynamic_ncols=True)
+
+
+class _Silent:
+    """A counter that shows nothing."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def counter(total: int, *, desc: str, unit: str = "it"):
+    """A bar advanced by hand (`.update(n)`, a context manager) when progress is shown; silent otherwise."""
+    if not enabled():
+        return _Silent()
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr, dynamic_ncols=True)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,8 @@ import json
 import os
 import sys
 
+from theworld_jax import cli, progress
+
 MARKER = "evaluate.json"  # written first into OUT; marks the directory as this tool's
 RUN_INFO = "run.json"  # per model: its path and whether the world branch ran
 DEFAULT_NEW_TOKENS = {"choice": 16, "binary": 8, "open": 32, "quantity": 128, "judge": 128}
@@ -40,6 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="compute dtype (default bfloat16)")
     p.add_argument("--limit", type=int, help="only the first N rows")
     p.add_argument("--mesh", help="DATA,FSDP,TENSOR: place the model on a mesh of all devices (one may be -1)")
+    cli.add_common(p)
     return p.parse_args(argv)
 
 
@@ -127,6 +130,20 @@ def main(argv=None) -> int:
         _check_checkpoint(f"--{flag}", getattr(args, flag))
     if args.mesh:
         _mesh_sizes(args.mesh)
+    progress.set_quiet(args.quiet)
+    if args.debug:
+        return _evaluate(args)
+    try:
+        return _evaluate(args)
+    except KeyboardInterrupt:
+        print("evaluate: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # the work's errors (a model that does not load, ...): one line, --debug for more
+        print(f"evaluate: error: {cli.one_line(err)}", file=sys.stderr)
+        return 1
+
+
+def _evaluate(args) -> int:
     from theworld_jax.evaluate import plot, report, runner
     from theworld_jax.evaluate.data import load_items
 

@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from theworld_jax import progress
 from theworld_jax.evaluate import scoring
 from theworld_jax.evaluate.data import BadImage, BadRow, Item, open_images
 
@@ -49,12 +50,6 @@ class JsonlLog:
                 self.rows[str(row["id"])] = row
             f.flush()
             os.fsync(f.fileno())
-
-
-def _progress(total: int, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="row", disable=None, dynamic_ncols=True)
 
 
 class Generator:
@@ -130,7 +125,7 @@ def run_predictions(generate: Callable, items: Sequence[Item], bad: Sequence[Bad
     log = JsonlLog(os.path.join(directory, PREDICTIONS))
     log.append(bad_row(b) for b in bad if b.id not in log.rows)
     todo = [it for it in items if it.id not in log.rows]
-    with _progress(len(items), desc) as bar:
+    with progress.counter(len(items), desc=desc, unit="row") as bar:
         bar.update(len(items) - len(todo))
         for batch in _batches(todo, batch_size):
             log.append(_answer_rows(generate, batch))
@@ -144,7 +139,7 @@ def run_judge(generate: Callable, items: Sequence[Item], predictions: JsonlLog, 
     log = JsonlLog(os.path.join(directory, JUDGMENTS))
     todo = [it for it in items if it.kind == "judge" and it.id not in log.rows
             and "prediction" in predictions.rows.get(it.id, {})]
-    with _progress(len(todo), desc) as bar:
+    with progress.counter(len(todo), desc=desc, unit="row") as bar:
         for batch in _batches(todo, batch_size):
             prompts = [scoring.judge_prompt(it.question, it.answer, predictions.rows[it.id]["prediction"])
                        for it in batch]
