@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.common import timed  # noqa: E402
 from theworld_jax.attention import _xla_attention, dot_product_attention, make_attention_mask  # noqa: E402
 from theworld_jax.interval_attention import interval_attention  # noqa: E402
 
@@ -48,15 +47,10 @@ def make_mask(s: dict, block: tuple[int, int]):
     return attention_mask, make_attention_mask(attention_mask, types)
 
 
-def timed(fn, args, iters: int) -> float:
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+def median_ms(fn, args, iters: int) -> float:
+    """Median milliseconds of `iters` calls of fn(*args) after two untimed ones (compile, warm-up)."""
+    _, _, median, _ = timed(lambda: fn(*args), jax.block_until_ready, repeats=iters, warmup=1)
+    return median * 1e3
 
 
 def fwd_and_grad(fn, cotangent):
@@ -103,8 +97,8 @@ def main(argv=None) -> int:
                                                                local_window_size=lw, implementation=backend)
         f, g = fwd_and_grad(floor, cotp)
         rows.append(dict(layer=layer, case=f"cuDNN causal{' + window' if window else ''} (floor), T={tp}",
-                         fwd_ms=timed(f, (pad(q16), pad(k16), pad(v16)), iters),
-                         fwdbwd_ms=timed(g, (pad(q16), pad(k16), pad(v16)), iters)))
+                         fwd_ms=median_ms(f, (pad(q16), pad(k16), pad(v16)), iters),
+                         fwdbwd_ms=median_ms(g, (pad(q16), pad(k16), pad(v16)), iters)))
         for block_name, block in (("image block 256", s["image"]), ("world block 4096", s["world"])):
             attention_mask, mask = make_mask(s, block)
             real = attention_mask.astype(bool)
@@ -112,13 +106,13 @@ def main(argv=None) -> int:
                                     if on_gpu else interval_attention(q, k, v, mask, window=window, scale=scale,
                                                                       backend="xla", multiple=s["multiple"]))
             f, g = fwd_and_grad(fast, cot)
-            rows.append(dict(layer=layer, case=f"fast path, {block_name}", fwd_ms=timed(f, (q16, k16, v16), iters),
-                             fwdbwd_ms=timed(g, (q16, k16, v16), iters)))
+            rows.append(dict(layer=layer, case=f"fast path, {block_name}", fwd_ms=median_ms(f, (q16, k16, v16), iters),
+                             fwdbwd_ms=median_ms(g, (q16, k16, v16), iters)))
             if block_name.startswith("image"):
                 oracle = lambda q, k, v: _xla_attention(q, k, v, mask, window=window, scale=scale)  # noqa: E731
                 fo, go = fwd_and_grad(oracle, cot)
                 rows.append(dict(layer=layer, case=f"XLA einsum (oracle), {block_name}",
-                                 fwd_ms=timed(fo, (q16, k16, v16), iters), fwdbwd_ms=timed(go, (q16, k16, v16), iters)))
+                                 fwd_ms=median_ms(fo, (q16, k16, v16), iters), fwdbwd_ms=median_ms(go, (q16, k16, v16), iters)))
                 ref_out = fo(q32, k32, v32)
                 _, ref_grads = go(q32, k32, v32)
                 logic = lambda q, k, v: interval_attention(q, k, v, mask, window=window, scale=scale,  # noqa: E731

@@ -77,7 +77,7 @@ def med(fn, wait, warmup: int, repeats: int):
 
 # ------------------------------------------------------------------ PyTorch reference
 def torch_side(z, parts, device, repeats):
-    import theworld_reference as ref
+    from tests.helpers import theworld_reference as ref
     import transformers
     from diffusers import AutoencoderKLWan
 

@@ -167,3 +167,17 @@ def test_console_scripts_point_at_mains_with_help_on_every_option():
     for name, target in scripts.items():
         module, function = target.split(":")
         assert callable(getattr(importlib.import_module(module), function)), name
+
+
+def test_tests_and_benchmarks_import_their_helpers_as_modules():
+    """tests.helpers and bench.common are packages imported by name: no sys.path edits, no bare imports."""
+    helpers = {p.stem for p in (ROOT / "tests" / "helpers").glob("*.py")} | {"common"}
+    hits = []
+    for path in sorted((ROOT / "tests").rglob("*.py")) + sorted((ROOT / "bench").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", "") == "sys":
+                hits.append(f"{path.relative_to(ROOT)}:{node.lineno}: sys.path")
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            hits += [f"{path.relative_to(ROOT)}:{node.lineno}: import {n}" for n in names if n in helpers - {"__init__"}]
+    assert not hits, "\n".join(hits)
