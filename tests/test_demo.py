@@ -55,3 +55,15 @@ def test_the_demo_writes_only_into_a_new_or_empty_directory(tmp_path):
 def test_model_and_cosmos_go_together():
     with pytest.raises(SystemExit):
         demo.parse_args(["--model", "some/dir"])
+
+
+@pytest.mark.parametrize("argv, needle", [(["--image", "no-such.png"], "--image: 'no-such.png' does not exist"),
+                                          (["--max-new-tokens", "0"], "--max-new-tokens: 0 is out of range"),
+                                          (["--model", "./nowhere", "--cosmos", "./nowhere"], "--model")])
+def test_arguments_are_checked_in_one_line_before_anything_is_built(tmp_path, monkeypatch, capsys, argv, needle):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        demo.main(argv, out=io.StringIO())
+    assert exit_.value.code == 2 and os.listdir(tmp_path) == []
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], lines

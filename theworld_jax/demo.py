@@ -23,6 +23,8 @@ import tempfile
 import time
 from importlib import resources
 
+from theworld_jax import cli
+
 SAMPLE_IMAGE = resources.files("theworld_jax") / "assets" / "sample.jpg"
 DEFAULT_PROMPT = "What is happening in this scene, and what happens next?"
 REAL_GEMMA = "google/gemma-3-4b-it"
@@ -30,16 +32,16 @@ REAL_COSMOS = "nvidia/Cosmos-Predict2-2B-Video2World"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m theworld_jax.demo", description=__doc__.split("\n\n")[0],
+    p = cli.Parser(prog="python -m theworld_jax.demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--workdir", help="where everything is written: a new or empty directory "
                                      "(default: a new temporary directory)")
-    p.add_argument("--model", help="a real Gemma 3 / TheWorld checkpoint (directory or hub id) instead of the tiny one")
-    p.add_argument("--cosmos", help="a real Cosmos VAE (diffusers directory, one with vae/, or hub id)")
-    p.add_argument("--image", help="the image to ask about (default: the sample image shipped with the package)")
+    p.add_argument("--model", type=cli.checkpoint, help="a real Gemma 3 / TheWorld checkpoint (directory or hub id) instead of the tiny one")
+    p.add_argument("--cosmos", type=cli.checkpoint, help="a real Cosmos VAE (diffusers directory, one with vae/, or hub id)")
+    p.add_argument("--image", type=cli.image_file, help="the image to ask about (default: the sample image shipped with the package)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the question asked about the image")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="answer length cap (default: 24 tiny, 96 real)")
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=None, help="answer length cap (default: 24 tiny, 96 real)")
     args = p.parse_args(argv)
     if (args.model is None) != (args.cosmos is None):
         p.error("--model and --cosmos go together (the real Gemma 3 and the real Cosmos VAE)")
