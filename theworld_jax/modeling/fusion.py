@@ -119,14 +119,20 @@ def causal_lm_loss_at(logits: jax.Array, labels: jax.Array, positions: jax.Array
     Positions -1, the last position and labels -100 are not counted; with every labelled position kept
     this equals causal_lm_loss of the full logits.
     """
+    total, count = causal_lm_loss_terms_at(logits, labels, positions)
+    return total / jnp.maximum(count, 1).astype(jnp.float32)
+
+
+def causal_lm_loss_terms_at(logits: jax.Array, labels: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(summed cross-entropy, number of counted targets) of `causal_lm_loss_at` (training sums these over
+    micro-batches and devices, then divides once: a true mean over target tokens)."""
     if logits.ndim != 3 or positions.shape != logits.shape[:2] or labels.ndim != 2:
         raise ValueError(f"logits must be (B, K, V), positions (B, K) and labels (B, L); got {tuple(logits.shape)}, "
                          f"{tuple(positions.shape)} and {tuple(labels.shape)}")
     target = jnp.take_along_axis(labels, jnp.clip(positions + 1, 0, labels.shape[1] - 1), axis=1)
     target = jnp.where((positions >= 0) & (positions + 1 < labels.shape[1]), target, IGNORE_INDEX)
     padded = jnp.concatenate([logits, jnp.zeros_like(logits[:, :1])], axis=1)  # causal_lm_loss drops the last
-    total, count = causal_lm_loss_terms(padded, jnp.concatenate([target[:, :1], target], axis=1))
-    return total / jnp.maximum(count, 1).astype(jnp.float32)
+    return causal_lm_loss_terms(padded, jnp.concatenate([target[:, :1], target], axis=1))
 
 
 def labelled_positions(labels, size: int | None = None) -> np.ndarray:

@@ -1,0 +1,378 @@
+"""Projector-only training of the full-size TheWorld through the launcher's own step, and a PyTorch
+reference step, on one GPU (issue 11, point 8).
+
+Random weights in the real sizes: the gemma-3-4b-it config (tests/helpers/full_size.py), diffusers'
+default AutoencoderKLWan (the Cosmos-Predict2 VAE), an mlp projector 16 -> 2560; bf16 compute, the
+projector's float32 master weights trained with AdamW; everything else frozen. Each sample is one chat
+row of the launcher's data pipeline: one 896x896 image (256 soft tokens), ~40 text tokens (the answer,
+~20 tokens, is the target), the two world markers and 4,096 world tokens (512x512 -> 64x64 latents):
+~4,400 fused tokens, padded to a multiple of 128. Logits are computed at the labelled positions only.
+
+JAX side: `theworld_jax.train.loop.setup` on configs/theworld-4b-projection.yaml (`model.random_init`:
+the model is drawn in seconds), then the launcher's compiled `TrainStep` on the launcher's own batches.
+Batches 1, 2, 4 without remat and 8 with `--remat8` (dots_saveable by default). PyTorch side:
+transformers' Gemma3ForConditionalGeneration (sdpa) + diffusers' VAE + the projector, the same shapes
+and target count, logits on the labelled tokens only, bf16 weights, the projector under autocast, AdamW;
+gradient checkpointing where the JAX side remats. Every (side, batch) runs in its own subprocess, so the
+peak memory is that run's and one side's memory never starves the other.
+
+    python -m bench.train_gpu --out bench/results/train_gpu [--side jax|torch|both] [--batches 1,2,4,8]
+    python -m bench.train_gpu --out /tmp/train_smoke --cpu-smoke      # the same code on CPU, tiny models
+
+Reported per run: the first step's seconds (trace + compile + one step), the median step of the next
+`--steps` - 1 (device-synchronised), tokens/s (real fused tokens, world tokens included, padding not),
+MFU = model FLOPs (`model_flops`, below) / step time / the card's dense bf16 peak, and peak device memory.
+Writes train_gpu.json and train_gpu.md under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12}  # FLOP/s, NVIDIA's dense bf16 figures (SXM)
+TARGET_WORDS = 20  # answer words: the target tokens of a row
+PROMPT_WORDS = 16
+
+
+# ---------------------------------------------------------------- FLOPs
+
+def model_flops(text: dict, vision: dict, seq: int, targets: int) -> dict:
+    """Model FLOPs of one projector-only training sample of `seq` fused tokens (2 FLOPs a multiply-add).
+
+    The frozen LM still back-propagates to its inputs (the world tokens' gradient flows through every
+    layer): the backward computes dX only, the forward's matmuls once more, and the attention backward
+    about twice its forward. Attention counted as computed usefully: the causal half for full layers,
+    the window for sliding ones. The LM head on the `targets` kept positions only, forward and dX. SigLIP
+    forward (frozen, no backward). The VAE encoder and the projector are not counted (the VAE is
+    convolutions at 512x512, the projector 16 -> 2560 -> 2560 on 4,096 tokens: <1 % of the total).
+    Rematerialisation recomputes are not model FLOPs and are not counted.
+    """
+    d, hd, h, kv, ff = (text[k] for k in ("hidden_size", "head_dim", "num_attention_heads", "num_key_value_heads",
+                                          "intermediate_size"))
+    layers = text["num_hidden_layers"]
+    per_token_layer = 2 * (d * hd * (2 * h + 2 * kv) + 3 * d * ff)
+    matmul = per_token_layer * layers * seq
+    full = sum(1 for x in text["layer_types"] if x == "full_attention")
+    context = full * seq / 2 + (layers - full) * min(text["sliding_window"], seq / 2)
+    attention = 4 * seq * h * hd * context  # QK^T and PV
+    head = 2 * d * text["vocab_size"] * targets
+    patches = (vision["image_size"] // vision["patch_size"]) ** 2
+    vd = vision["hidden_size"]
+    siglip = vision["num_hidden_layers"] * (2 * patches * (4 * vd * vd + 2 * vd * vision["intermediate_size"])
+                                           + 4 * patches * patches * vd)
+    forward = matmul + attention + head
+    backward = matmul + 2 * attention + head
+    return {"lm_forward": forward, "lm_backward_dx": backward, "siglip_forward": siglip,
+            "total": forward + backward + siglip}
+
+
+# ---------------------------------------------------------------- the work directory
+
+def write_work(work: str, smoke: bool, rows: int) -> dict:
+    """model/ (Gemma 3 config.json + processor files; no weights), vae.json, data/train.jsonl + images."""
+    import transformers
+    from PIL import Image
+
+    from theworld_jax import tiny
+
+    model_dir = os.path.join(work, "model")
+    os.makedirs(model_dir, exist_ok=True)
+    if smoke:
+        gemma = tiny.gemma3_config_dict()
+        processor = tiny.build_processor()
+        vae = tiny.wan_vae_config().to_dict()
+        side, vocab = 56, 250
+    else:
+        from bench.theworld_gpu_parity import full_processor
+        from tests.helpers.full_size import GEMMA3_4B_CONFIG
+
+        gemma = transformers.Gemma3Config(**GEMMA3_4B_CONFIG).to_dict()
+        processor = full_processor()
+        processor.chat_template = tiny.CHAT_TEMPLATE
+        from theworld_jax.config.wan_vae import WanVAEConfig
+
+        vae = WanVAEConfig().to_dict()
+        side, vocab = 448, 250000
+    processor.save_pretrained(model_dir)
+    with open(os.path.join(model_dir, "config.json"), "w") as f:
+        json.dump(gemma, f, indent=1)
+    with open(os.path.join(work, "vae.json"), "w") as f:
+        json.dump(vae, f, indent=1)
+    rng = np.random.default_rng(0)
+    os.makedirs(os.path.join(work, "data", "images"), exist_ok=True)
+    words = (lambda n: " ".join(f"w{k}" for k in rng.integers(1000, vocab, n))) if not smoke else \
+        (lambda n: " ".join(rng.choice(["red", "ball", "the", "over", "grass", "a", "cat"], n)))
+    with open(os.path.join(work, "data", "train.jsonl"), "w") as f:
+        for i in range(rows):
+            name = f"images/img{i}.png"
+            Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(
+                os.path.join(work, "data", name))
+            f.write(json.dumps({"image": name, "messages": [
+                {"role": "user", "content": words(PROMPT_WORDS)},
+                {"role": "assistant", "content": words(TARGET_WORDS)}]}) + "\n")
+    return {"text": gemma["text_config"], "vision": gemma["vision_config"]}
+
+
+# ---------------------------------------------------------------- the JAX side (a worker process)
+
+def jax_worker(args) -> dict:
+    import jax
+
+    from theworld_jax.train import loop
+    from theworld_jax.train.config import load_config
+
+    overrides = [f"output_dir={os.path.join(args.work, f'run-{args.batch}')}",
+                 f"model.name={os.path.join(args.work, 'model')}", "model.random_init=true",
+                 f"model.cosmos_model_name={os.path.join(args.work, 'vae.json')}",
+                 f"data.train={os.path.join(args.work, 'data', 'train.jsonl')}", "data.eval=null",
+                 f"steps={args.steps}", f"data.batch_size={args.batch}", "optimizer.accumulation=1",
+                 f"model.remat={args.remat}", "data.pad_multiple=128", "progress_bar=false", "save_final=false",
+                 "optimizer.warmup_steps=1", "data.num_threads=8"]
+    if args.cpu_smoke:
+        overrides += ["model.dtype=float32", "model.vae_image_size=[32,32]", "data.max_length=512"]
+    config = load_config(os.path.join(REPO, "configs", "theworld-4b-projection.yaml"), overrides)
+    t0 = time.perf_counter()
+    run, state, _, _ = loop.setup(config)
+    setup_s = time.perf_counter() - t0
+    prepared = [loop.local_batch(run, s) for s in range(args.steps)]
+    params, opt_state = state["params"], state["opt_state"]
+    times, losses = [], []
+    for local, _ in prepared:
+        batch = loop.to_global(run.mesh, local)
+        t0 = time.perf_counter()
+        params, opt_state, out = run.train_step.step(params, opt_state, run.split.frozen, batch)
+        jax.block_until_ready((params, out))
+        times.append(time.perf_counter() - t0)
+        losses.append(float(out["loss"]))
+    stats = jax.local_devices()[0].memory_stats() or {}
+    local, tokens = prepared[0]
+    return {"side": "jax", "batch": args.batch, "remat": args.remat, "setup_s": setup_s, "first_step_s": times[0],
+            "step_s": times[1:], "median_step_s": statistics.median(times[1:] or times), "losses": losses,
+            "fused_tokens_per_row": tokens / args.batch, "padded_length": int(local["attention_mask"].shape[-1]),
+            "keep": run.keep, "target_tokens_per_row": int(out["target_tokens"]) / args.batch,
+            "trained_parameters": sum(int(np.prod(v.shape)) for v in params.values()),
+            "compiles": run.train_step.compiles, "peak_memory_gib": stats.get("peak_bytes_in_use", 0) / 2 ** 30,
+            "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+
+
+# ---------------------------------------------------------------- the PyTorch side (a worker process)
+
+def torch_worker(args, shape: dict) -> dict:
+    """One projector-only AdamW step per iteration: VAE encode (no grad), projector (autocast), world tokens
+    spliced after <bos>, Gemma 3 with the image (sdpa, image blocks bidirectional through token_type_ids),
+    hidden states at the labelled positions through the LM head, float32 cross-entropy, backward, step."""
+    import torch
+    import transformers
+    from diffusers import AutoencoderKLWan
+
+    from tests.helpers.theworld_reference import TorchWorldProjector
+
+    torch.manual_seed(0)
+    device = "cpu" if args.cpu_smoke else "cuda"
+    dtype = torch.float32 if args.cpu_smoke else torch.bfloat16
+    with open(os.path.join(args.work, "model", "config.json")) as f:
+        config = transformers.Gemma3Config(**{k: v for k, v in json.load(f).items() if k != "model_type"})
+    config._attn_implementation = "sdpa"
+    with open(os.path.join(args.work, "vae.json")) as f:
+        vae_cfg = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    with torch.device(device):
+        gemma = transformers.Gemma3ForConditionalGeneration(config).to(dtype)
+        vae = AutoencoderKLWan(**vae_cfg).to(dtype)
+        projector = TorchWorldProjector(vae_cfg["z_dim"], config.text_config.hidden_size, "mlp")
+    gemma.requires_grad_(False)
+    vae.requires_grad_(False)
+    if args.remat != "none":
+        gemma.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        gemma.train()
+    opt = torch.optim.AdamW(projector.parameters(), lr=1e-4, weight_decay=0.01)
+    b, n_world = args.batch, shape["world_tokens"]
+    text_len = shape["text_tokens"]
+    image_id, mm = config.image_token_index, config.mm_tokens_per_image
+    ids = torch.randint(10, min(config.text_config.vocab_size - 10, 250000), (b, text_len), device=device)
+    ids[:, 0] = config.text_config.bos_token_id
+    ids[:, 5:5 + mm] = image_id
+    labelled = torch.zeros((b, text_len), dtype=torch.bool, device=device)
+    labelled[:, -shape["targets"] - 1:-1] = True  # position p predicts ids[p + 1]
+    side = config.vision_config.image_size
+    pixels = torch.randn(b, 3, side, side, device=device, dtype=dtype)
+    vae_side = shape["vae_side"]
+    video = torch.rand(b, 3, 1, vae_side, vae_side, device=device, dtype=dtype) * 2 - 1
+    embed = gemma.get_input_embeddings()
+    markers = embed(torch.tensor([[262145 % config.text_config.vocab_size, 262146 % config.text_config.vocab_size]],
+                                 device=device)).expand(b, 2, -1)
+
+    def step():
+        with torch.no_grad():
+            latents = vae.encode(video).latent_dist.mean  # (B, z, 1, h, w)
+            embeds = embed(ids)
+            feats = gemma.model.get_image_features(pixel_values=pixels)
+            feats = getattr(feats, "pooler_output", feats)
+            embeds = embeds.masked_scatter((ids == image_id)[..., None], feats.to(embeds.dtype))
+        tokens = latents.flatten(2).transpose(1, 2).float()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=not args.cpu_smoke):
+            world = projector(tokens).to(embeds.dtype)
+        full = torch.cat([embeds[:, :1], markers[:, :1], world, markers[:, 1:], embeds[:, 1:]], 1)
+        types = torch.cat([torch.zeros((b, n_world + 3), dtype=torch.long, device=device),
+                           (ids[:, 1:] == image_id).long()], 1)
+        hidden = gemma.model(inputs_embeds=full, token_type_ids=types).last_hidden_state
+        hidden = hidden[:, n_world + 2:]  # back to the ids' positions (the markers and world tokens are no targets)
+        logits = gemma.lm_head(hidden[labelled]).float()
+        loss = torch.nn.functional.cross_entropy(logits, ids[:, 1:][labelled[:, :-1]])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for _ in range(args.steps):
+        sync()
+        t0 = time.perf_counter()
+        losses.append(step().item())
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else 0.0
+    return {"side": "torch", "batch": b, "remat": args.remat, "first_step_s": times[0], "step_s": times[1:],
+            "median_step_s": statistics.median(times[1:] or times), "losses": losses,
+            "fused_tokens_per_row": text_len + n_world + 2, "target_tokens_per_row": shape["targets"],
+            "peak_memory_gib": peak, "torch": torch.__version__, "transformers": transformers.__version__,
+            "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"}
+
+
+# ---------------------------------------------------------------- the driver
+
+def run_worker(args, side: str, batch: int, remat: str, shape: dict | None) -> dict:
+    out = os.path.join(args.out, f"{side}_b{batch}.json")
+    cmd = [sys.executable, "-m", "bench.train_gpu", "--worker", side, "--batch", str(batch), "--remat", remat,
+           "--work", args.work, "--out", args.out, "--steps", str(args.steps)]
+    if args.cpu_smoke:
+        cmd.append("--cpu-smoke")
+    if shape is not None:
+        cmd += ["--shape", json.dumps(shape)]
+    print(f"[{time.strftime('%H:%M:%S')}] {side} B={batch} remat={remat}", flush=True)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, text=True, capture_output=True)
+    if proc.returncode or not os.path.exists(out):
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        print(tail, flush=True)
+        lines = [line for line in tail.splitlines() if line.strip()]
+        return {"side": side, "batch": batch, "remat": remat, "error": lines[-1] if lines else f"rc {proc.returncode}"}
+    with open(out) as f:
+        result = json.load(f)
+    result["process_s"] = time.perf_counter() - t0
+    print(json.dumps({k: v for k, v in result.items() if k not in ("step_s", "losses")}), flush=True)
+    return result
+
+
+def add_rates(result: dict, flops_of, peak: float | None) -> dict:
+    if "error" in result:
+        return result
+    seq = result["fused_tokens_per_row"]
+    flops = flops_of(seq, result["target_tokens_per_row"])
+    result["tokens_per_s"] = seq * result["batch"] / result["median_step_s"]
+    result["model_tflop_per_row"] = flops["total"] / 1e12
+    result["mfu"] = flops["total"] * result["batch"] / result["median_step_s"] / peak if peak else None
+    return result
+
+
+def markdown(report: dict) -> str:
+    lines = ["# Projector-only training of the full-size TheWorld (bench/train_gpu.py)", "",
+             f"Machine: {report['device']}; {report['versions']}. Command: `{report['command']}`.",
+             f"Each row: {report['shape']['fused_tokens']} fused tokens ({report['shape']['world_tokens']} world, "
+             f"256 image, the rest text; {report['shape']['targets']} target tokens), padded to a multiple of 128. "
+             "Step = median of the timed steps after the first (device-synchronised); first step = trace + "
+             "compile + one step; MFU = model FLOPs / step time / "
+             f"{report['peak_flops'] / 1e12 if report['peak_flops'] else 'n/a'} TFLOP/s dense bf16.", "",
+             "| side | batch | remat | step (ms) | tokens/s | MFU | peak memory (GiB) | first step (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        if "error" in r:
+            lines.append(f"| {r['side']} | {r['batch']} | {r['remat']} | error: {r['error'][:160]} | | | | |")
+            continue
+        mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") is not None else "n/a"
+        lines.append(f"| {r['side']} | {r['batch']} | {r['remat']} | {1000 * r['median_step_s']:.1f} | "
+                     f"{r['tokens_per_s']:,.0f} | {mfu} | {r['peak_memory_gib']:.1f} | {r['first_step_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.train_gpu", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="where train_gpu.json / train_gpu.md (and per-run JSON) go")
+    p.add_argument("--side", choices=("jax", "torch", "both"), default="both", help="which implementation(s) to run")
+    p.add_argument("--batches", default="1,2,4,8", help="comma-separated batch sizes")
+    p.add_argument("--remat8", default="dots_saveable", help="the remat policy of batch 8 (others: none)")
+    p.add_argument("--steps", type=int, default=6, help="steps per run (the first is compile + warm-up)")
+    p.add_argument("--work", default=None, help="scratch directory (default: OUT/work)")
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny models on CPU: checks the code path end to end")
+    p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--remat", default="none", help=argparse.SUPPRESS)
+    p.add_argument("--shape", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    args.work = args.work or os.path.join(args.out, "work")
+    if args.worker:
+        result = jax_worker(args) if args.worker == "jax" else torch_worker(args, json.loads(args.shape))
+        with open(os.path.join(args.out, f"{args.worker}_b{args.batch}.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        return
+    batches = [int(b) for b in args.batches.split(",")]
+    cfg = write_work(args.work, args.cpu_smoke, rows=max(batches) * args.steps)
+    from theworld_jax import tiny
+
+    world = 16 if args.cpu_smoke else 4096
+    vae_side = tiny.VAE_IMAGE_SIZE[0] if args.cpu_smoke else 512
+    runs, shape = [], None
+    sides = ["jax", "torch"] if args.side == "both" else [args.side]
+    for side in sides:
+        for batch in batches:
+            remat = args.remat8 if batch >= 8 else "none"
+            if side == "torch" and shape is None:  # the JAX runs' row shape, or the data's when only torch runs
+                shape = data_shape(args, cfg, world, vae_side, runs)
+            runs.append(run_worker(args, side, batch, remat, shape if side == "torch" else None))
+    peak = None if args.cpu_smoke else next((v for k, v in PEAK_BF16.items()
+                                             if any(k in str(r.get("device", "")) for r in runs)), None)
+    flops_of = lambda seq, targets: model_flops(cfg["text"], cfg["vision"], seq, targets)  # noqa: E731
+    runs = [add_rates(r, flops_of, peak) for r in runs]
+    shape = shape or data_shape(args, cfg, world, vae_side, runs)
+    versions = sorted({f"jax {r['jax']}" for r in runs if "jax" in r} |
+                      {f"torch {r['torch']}, transformers {r['transformers']}" for r in runs if "torch" in r})
+    report = {"device": next((r["device"] for r in runs if "device" in r), "?"), "versions": "; ".join(versions),
+              "command": "python -m bench.train_gpu " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "peak_flops": peak, "shape": shape, "runs": runs,
+              "model_flops_per_row": flops_of(shape["fused_tokens"], shape["targets"])}
+    with open(os.path.join(args.out, "train_gpu.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(args.out, "train_gpu.md"), "w") as f:
+        f.write(markdown(report))
+    print(markdown(report), flush=True)
+
+
+def data_shape(args, cfg: dict, world: int, vae_side: int, runs: list[dict]) -> dict:
+    """The row shape the PyTorch side reproduces: the JAX runs' fused and target token counts."""
+    done = next((r for r in runs if r.get("side") == "jax" and "error" not in r), None)
+    if done is not None:
+        fused, targets = round(done["fused_tokens_per_row"]), round(done["target_tokens_per_row"])
+    else:  # estimated from the data: the chat template's text around the two turns
+        fused, targets = world + 2 + 256 + 4 + PROMPT_WORDS + TARGET_WORDS + 12, TARGET_WORDS + 1
+        if args.cpu_smoke:
+            fused = world + 2 + 4 + 4 + 60
+    return {"fused_tokens": fused, "world_tokens": world, "text_tokens": fused - world - 2, "targets": targets,
+            "vae_side": vae_side}
+
+
+if __name__ == "__main__":
+    main()

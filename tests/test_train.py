@@ -1,0 +1,258 @@
+"""The training launcher on the tiny config (issue 11, point 7).
+
+Two stages, as upstream trains: stage 1 trains the projector only; stage 2 (`init=` stage 1's final/)
+unfreezes the language model. Stage 2 is the reference run that the other runs must reproduce: killed
+with SIGKILL and restarted (bitwise), on 8 simulated devices and on 2 processes (float32, tight
+tolerance). Every run trains 8 rows per step (batch_size x devices x accumulation), so all see the same
+rows in the same order.
+
+Every run is a subprocess with the same environment: XLA's CPU backend optimisations are off (compiling
+takes half the time; every run compiles alike, so the comparisons stand) and the runs share a persistent
+compilation cache (the killed and resumed runs reuse the reference's executable).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from theworld_jax.train.config import TrainConfigError, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+STEPS = 6
+COMMON = [f"steps={STEPS}", "checkpoint_every=2", "log_every=1", "seed=0", "progress_bar=false", "data.eval=null",
+          "data.num_threads=1", "optimizer.warmup_steps=1", "optimizer.learning_rate=1e-2"]
+STAGE2 = ["model.freeze_gemma_language=false"]  # + init= stage 1's final/
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("jax-cache")
+
+
+def _env(cache_dir, devices: int = 1) -> dict:
+    return dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu",
+                JAX_DEFAULT_MATMUL_PRECISION="highest", TOKENIZERS_PARALLELISM="false",
+                JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0 "
+                          "--xla_llvm_disable_expensive_passes=true")
+
+
+def _launch(cache_dir, out, *overrides, devices=1, env_extra=None, module="train") -> subprocess.Popen:
+    env = {**_env(cache_dir, devices), **(env_extra or {})}
+    cmd = [sys.executable, "-m", module, "--config", TINY, f"output_dir={out}", *COMMON, *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen, expect_rc: int = 0) -> str:
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == expect_rc, out[-3000:]
+    return out
+
+
+def _params(directory) -> dict[str, np.ndarray]:
+    """A saved model's parameters (path -> array) on this process's one device, whatever mesh wrote them."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(directory, "params")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.StandardCheckpointer() as ckpt:
+        meta = ckpt.metadata(path)
+        tree = getattr(getattr(meta, "item_metadata", meta), "tree", getattr(meta, "item_metadata", meta))
+        target = {k: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device) for k, m in tree.items()}
+        restored = ckpt.restore(path, target)
+    return {k: np.asarray(v) for k, v in restored.items()}
+
+
+def _group(params: dict, *prefixes: str) -> dict:
+    picked = {k: v for k, v in params.items() if k.startswith(prefixes)}
+    assert picked, prefixes
+    return picked
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory, cache_dir):
+    """Projector only (the default freeze flags), 2 steps; through `python -m theworld_jax.train`."""
+    out = tmp_path_factory.mktemp("stage1")
+    _finish(_launch(cache_dir, out, "steps=2", "model.freeze_gemma_language=true", "data.batch_size=8",
+                    module="theworld_jax.train"))
+    return out / "final"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache_dir, stage1):
+    """Stage 2, uninterrupted, 1 process, 1 device, 8 rows per micro-batch, with a held-out evaluation."""
+    out = tmp_path_factory.mktemp("reference")
+    log = _finish(_launch(cache_dir, out, f"init={stage1}", *STAGE2, "data.batch_size=8", "eval_every=6",
+                          "data.eval=theworld_jax/data/tiny/eval.jsonl"))
+    assert "compiled 1x" in log
+    return out
+
+
+def test_loss_falls_and_outputs(reference):
+    records = [json.loads(line) for line in open(reference / "metrics.jsonl")]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
+    for r in steps:
+        assert {"step", "loss", "learning_rate", "tokens_per_s"} <= set(r)
+    assert steps[-1]["loss"] < 0.8 * steps[0]["loss"], [r["loss"] for r in steps]
+    assert any("eval_loss" in r for r in records)
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(reference / "tensorboard"))
+    assert sorted(os.listdir(reference / "checkpoints"), key=int) == ["2", "4", "6"]
+
+
+def test_stages_frozen_bitwise_and_init(reference, stage1):
+    """Frozen parameters are bitwise unchanged through both stages; stage 1 moved only the projector,
+    stage 2 (init=stage 1's final/) moved the language model too; final/ loads with from_pretrained."""
+    import jax.numpy as jnp
+
+    from theworld_jax import TheWorld
+    from theworld_jax.train import model as model_lib
+    from theworld_jax.weights.loader import param_path
+    from flax import nnx
+
+    config = load_config(TINY, COMMON)
+    initial = model_lib.build_theworld(config.model, init=None, seed=0)
+    start = {param_path(p): np.asarray(v.get_value())
+             for p, v in nnx.to_flat_state(nnx.state(initial.model, nnx.Param))}
+    one, two = _params(stage1), _params(reference / "final")
+    assert start.keys() == one.keys() == two.keys()
+    frozen = ("gemma.vision_tower.", "gemma.multi_modal_projector.", "vae.")
+    for key in _group(start, *frozen):
+        np.testing.assert_array_equal(two[key], start[key], err_msg=key)
+    for key in _group(start, "gemma.language_model."):
+        np.testing.assert_array_equal(one[key], start[key], err_msg=key)  # frozen in stage 1
+    assert all(not np.array_equal(two[k], one[k]) for k in _group(start, "gemma.language_model."))
+    assert all(not np.array_equal(one[k], start[k]) for k in _group(start, "world_projector."))
+    assert all(not np.array_equal(two[k], one[k]) for k in _group(start, "world_projector."))
+    trained = TheWorld.from_pretrained(str(reference / "final"), dtype=jnp.float32)
+    assert trained.config.freeze_gemma_language is False
+
+
+def test_init_starts_from_the_earlier_run(stage1, tmp_path):
+    """`init=DIR`: stage 2 starts from stage 1's values (projector included) with its own freeze set."""
+    from theworld_jax.train.loop import setup
+
+    config = load_config(TINY, [f"output_dir={tmp_path}", *COMMON, f"init={stage1}", *STAGE2])
+    run, state, _, _ = setup(config)
+    one = _params(stage1)
+    params = {k: np.asarray(v) for k, v in state["params"].items()}
+    assert any(k.startswith("gemma.language_model.") for k in params)
+    assert not any(k.startswith(("vae.", "gemma.vision_tower.")) for k in params)
+    for key in _group(params, "world_projector.", "gemma.language_model."):
+        np.testing.assert_array_equal(params[key], one[key], err_msg=key)
+
+
+def test_logits_at_labelled_positions_give_the_full_loss():
+    """The step's loss (logits at the labelled positions only) equals the full-logits loss."""
+    import jax
+    from flax import nnx
+
+    from theworld_jax.train import data as data_lib
+    from theworld_jax.train import model as model_lib
+    from theworld_jax.tiny import DATA_DIR
+
+    config = load_config(TINY, ["model.freeze_gemma_language=false"])
+    theworld = model_lib.build_theworld(config.model, init=None, seed=0)
+    extra = model_lib.extra_tokens(theworld)
+    encoder = data_lib.Encoder(theworld.processor, theworld.gemma_config.image_token_id)
+    dataset = data_lib.load_dataset(os.path.join(DATA_DIR, "train.jsonl"), config.data, encoder, extra_tokens=extra)
+    loader = data_lib.Loader(dataset, encoder, model_lib.image_preparer(theworld), extra_tokens=extra, pad_id=0,
+                             num_threads=1)
+    size = model_lib.keep_size(dataset.targets)
+    batch = model_lib.with_keep(model_lib.prepare(theworld, loader.batch(np.arange(3), 96)), size)
+    assert 0 < size < batch["input_ids"].shape[1]
+    graphdef, state = nnx.split(theworld.model)
+    layout = model_lib.attention_layout(theworld)
+
+    @jax.jit
+    def losses(state, batch):
+        model = nnx.merge(graphdef, state)
+        total, count = model_lib.loss_terms(model, batch, layout=layout, remat="full")
+        full = model.forward(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"],
+                             token_type_ids=batch["token_type_ids"], video=batch["video"], labels=batch["labels"],
+                             layout=layout)
+        return total / count, full.loss, count
+
+    kept, full, count = losses(state, batch)
+    assert int(count) == int((batch["labels"][:, 1:] != -100).sum())
+    np.testing.assert_allclose(float(kept), float(full), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_is_bitwise(reference, stage1, cache_dir, tmp_path):
+    out = tmp_path / "killed"
+    args = (f"init={stage1}", *STAGE2, "data.batch_size=8")
+    _finish(_launch(cache_dir, out, *args, env_extra={"THEWORLD_TRAIN_SIGKILL_AFTER_STEP": "5"}), expect_rc=-9)
+    assert os.path.isdir(out / "checkpoints") and not os.path.exists(out / "final")
+    log = _finish(_launch(cache_dir, out, *args))
+    assert "resumed from" in log and "at step 4" in log and "compiled 1x" in log, log[-2000:]
+    expected, got = _params(reference / "final"), _params(out / "final")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
+    assert steps == list(range(1, STEPS + 1))  # the killed run's lines past the checkpoint are dropped
+
+
+def _close(got: dict, expected: dict) -> None:
+    assert expected.keys() == got.keys()
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], rtol=2e-4, atol=2e-6, err_msg=key)
+
+
+@pytest.mark.slow
+def test_eight_devices_equal_one(reference, stage1, cache_dir, tmp_path):
+    """8 simulated devices, 1 row each (accumulation 1) == 1 device with 8 rows."""
+    log = _finish(_launch(cache_dir, tmp_path / "eight", f"init={stage1}", *STAGE2, "data.batch_size=1",
+                          devices=8))
+    assert "compiled 1x" in log
+    _close(_params(tmp_path / "eight" / "final"), _params(reference / "final"))
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(reference, stage1, cache_dir, tmp_path):
+    """2 processes x 1 device x 2 rows x accumulation 2 == 1 device with 8 rows."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two"
+    procs = [_launch(cache_dir, out, f"init={stage1}", *STAGE2, "data.batch_size=2", "optimizer.accumulation=2",
+                     f"distributed.coordinator_address=localhost:{port}", "distributed.num_processes=2",
+                     f"distributed.process_id={i}") for i in range(2)]
+    logs = [_finish(p) for p in procs]
+    assert "compiled 1x" in logs[0]
+    _close(_params(out / "final"), _params(reference / "final"))
+
+
+def test_bad_config_key_names_the_key(tmp_path, cache_dir):
+    with pytest.raises(TrainConfigError, match="'optimizer.lerning_rate'"):
+        load_config(TINY, ["optimizer.lerning_rate=1e-4"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  train: x.jsonl\n  bucket: 3\n")
+    with pytest.raises(TrainConfigError, match="'data.bucket'"):
+        load_config(str(bad))
+    with pytest.raises(TrainConfigError, match="data.loss_on"):
+        load_config(TINY, ["data.loss_on=prompt"])
+    proc = subprocess.run([sys.executable, "-m", "train", "--config", TINY, "stepz=3"], cwd=ROOT,
+                          env=_env(cache_dir), capture_output=True, text=True)
+    assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "unknown config key 'stepz'" in proc.stderr
+
+
+def test_output_dir_not_ours_is_refused(tmp_path):
+    from theworld_jax.train.outputs import claim_output_dir
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="exists"):
+        claim_output_dir(str(tmp_path), {})
+    assert (tmp_path / "notes.txt").read_text() == "mine"
