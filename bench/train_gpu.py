@@ -120,7 +120,8 @@ def write_work(work: str, smoke: bool, rows: int) -> dict:
             f.write(json.dumps({"image": name, "messages": [
                 {"role": "user", "content": words(PROMPT_WORDS)},
                 {"role": "assistant", "content": words(TARGET_WORDS)}]}) + "\n")
-    return {"text": gemma["text_config"], "vision": gemma["vision_config"]}
+    return {"text": gemma["text_config"], "vision": gemma["vision_config"],
+            "mm_tokens_per_image": gemma["mm_tokens_per_image"]}
 
 
 # ---------------------------------------------------------------- the JAX side (a worker process)
@@ -156,9 +157,11 @@ def jax_worker(args) -> dict:
         losses.append(float(out["loss"]))
     stats = jax.local_devices()[0].memory_stats() or {}
     local, tokens = prepared[0]
+    world = run.theworld.num_world_tokens(1)
     return {"side": "jax", "batch": args.batch, "remat": args.remat, "setup_s": setup_s, "first_step_s": times[0],
             "step_s": times[1:], "median_step_s": statistics.median(times[1:] or times), "losses": losses,
-            "fused_tokens_per_row": tokens / args.batch, "padded_length": int(local["attention_mask"].shape[-1]),
+            "fused_tokens_per_row": tokens / args.batch, "padded_length": run.sampler.step(0).length,
+            "world_tokens": world, "image_tokens": run.theworld.gemma_config.mm_tokens_per_image,
             "keep": run.keep, "target_tokens_per_row": int(out["target_tokens"]) / args.batch,
             "trained_parameters": sum(int(np.prod(v.shape)) for v in params.values()),
             "compiles": run.train_step.compiles, "peak_memory_gib": stats.get("peak_bytes_in_use", 0) / 2 ** 30,
@@ -244,7 +247,8 @@ def torch_worker(args, shape: dict) -> dict:
         sync()
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else 0.0
-    return {"side": "torch", "batch": b, "remat": args.remat, "first_step_s": times[0], "step_s": times[1:],
+    remat = "none" if args.remat == "none" else "gradient checkpointing"
+    return {"side": "torch", "batch": b, "remat": remat, "first_step_s": times[0], "step_s": times[1:],
             "median_step_s": statistics.median(times[1:] or times), "losses": losses,
             "fused_tokens_per_row": text_len + n_world + 2, "target_tokens_per_row": shape["targets"],
             "peak_memory_gib": peak, "torch": torch.__version__, "transformers": transformers.__version__,
@@ -367,11 +371,10 @@ def data_shape(args, cfg: dict, world: int, vae_side: int, runs: list[dict]) -> 
     if done is not None:
         fused, targets = round(done["fused_tokens_per_row"]), round(done["target_tokens_per_row"])
     else:  # estimated from the data: the chat template's text around the two turns
-        fused, targets = world + 2 + 256 + 4 + PROMPT_WORDS + TARGET_WORDS + 12, TARGET_WORDS + 1
-        if args.cpu_smoke:
-            fused = world + 2 + 4 + 4 + 60
+        fused = world + 2 + cfg["mm_tokens_per_image"] + 4 + PROMPT_WORDS + TARGET_WORDS + 12
+        targets = TARGET_WORDS + 1
     return {"fused_tokens": fused, "world_tokens": world, "text_tokens": fused - world - 2, "targets": targets,
-            "vae_side": vae_side}
+            "vae_side": vae_side, "image_tokens": cfg["mm_tokens_per_image"]}
 
 
 if __name__ == "__main__":

@@ -32,15 +32,19 @@ def test_the_demo_runs_every_stage_and_says_what_it_did(tmp_path, transformers_m
     spurious = [m for m in transformers_messages() if "You are using a model of type" in m]
     assert not spurious  # the demo loads a save_pretrained directory too
     stages = re.findall(r"^\[(\d)/(\d)\] (\w+):", text, flags=re.M)
-    assert [s[2] for s in stages] == ["build", "load", "ask", "save", "export"], text
+    assert [s[2] for s in stages] == ["build", "load", "ask", "save", "train", "export"], text
     assert len(re.findall(r"^    \(\d+\.\d s\)$", text, flags=re.M)) == len(stages), text
     assert re.search(r"^    > .+", text, flags=re.M), "no streamed answer:\n" + text
     assert "gibberish" in text
     assert "every parameter equal: True" in text
+    losses = [float(x) for x in re.findall(r"^    step \d+/\d+ loss (\d+\.\d+)", text, flags=re.M)]
+    assert len(losses) >= 3 and losses[-1] < 0.7 * losses[0], text  # the loss printed falling
+    assert "the projector moved: True" in text
     assert "projector kept bit for bit: True" in text
     assert "theworld-demo --model google/gemma-3-4b-it" in text
     assert sorted(os.listdir(tmp_path)) == ["demo"]  # nothing written outside the working directory
-    assert {"gemma3-tiny", "cosmos-vae-tiny", "theworld", "theworld-upstream"} <= set(os.listdir(workdir))
+    assert {"gemma3-tiny", "cosmos-vae-tiny", "theworld", "train-run", "theworld-upstream"} <= set(os.listdir(workdir))
+    assert "final" in os.listdir(workdir / "train-run")
     upstream = workdir / "theworld-upstream"
     assert sorted(os.listdir(upstream)) == ["config.json", "model.safetensors"]
 

@@ -6,8 +6,11 @@ With no arguments, on tiny random models built on the spot:
   load      TheWorld.from_pretrained on them: the same code a real checkpoint takes;
   ask       a question about the sample image, answered as it is produced (random weights: gibberish);
   save      save_pretrained (Orbax), reloaded with TheWorld.from_pretrained;
-  export    `theworld-convert export` to the upstream PyTorch layout, and `theworld-convert theworld`
-            back from it; the round trip keeps the projector bit for bit.
+  train     the training launcher (configs/tiny.yaml, `init=` the saved model) for a few steps on the
+            small dataset shipped with the package, the loss printed falling; the trained final/
+            reloaded with TheWorld.from_pretrained;
+  export    `theworld-convert export` of the trained model to the upstream PyTorch layout, and
+            `theworld-convert theworld` back from it; the round trip keeps the projector bit for bit.
 Everything is written under --workdir (default: a new temporary directory, kept for you to look at);
 nothing that was there before is touched. `--model` / `--cosmos` run the same on real checkpoints
 (local directories, or hub ids with a token).
@@ -29,6 +32,8 @@ SAMPLE_IMAGE = resources.files("theworld_jax") / "assets" / "sample.jpg"
 DEFAULT_PROMPT = "What is happening in this scene, and what happens next?"
 REAL_GEMMA = "google/gemma-3-4b-it"
 REAL_COSMOS = "nvidia/Cosmos-Predict2-2B-Video2World"
+TINY_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.yaml")
+TRAIN_STEPS = 30
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -95,8 +100,8 @@ def run(args: argparse.Namespace, out) -> dict[str, float]:
 
     real = args.model is not None
     workdir = make_workdir(args.workdir)
-    stages = Stages(["build", "load", "ask", "save", "export"] if not real else ["load", "ask", "save", "export"],
-                    out)
+    stages = Stages(["build", "load", "ask", "save", "train", "export"] if not real else
+                    ["load", "ask", "save", "export"], out)
     stages.say(f"TheWorld demo on {jax.devices()[0].platform.upper()} ({jax.device_count()} device(s)), "
                f"writing under {workdir}")
     dtype = jnp.bfloat16 if real else jnp.float32
@@ -133,6 +138,15 @@ def run(args: argparse.Namespace, out) -> dict[str, float]:
         stages.say(f"    {saved}: {', '.join(sorted(os.listdir(saved)))}")
         stages.say(f"    reloaded; every parameter equal: {_same_params(model.model, again.model)}")
 
+    if not real:
+        with stages.stage("train", f"{TRAIN_STEPS} steps of configs/tiny.yaml from the saved model "
+                                   "(the world projector and the random language model)"):
+            final = _train(saved, workdir, stages)
+            trained = TheWorld.from_pretrained(final, dtype=dtype)
+            moved = not _same_params(model.model.world_projector, trained.model.world_projector)
+            stages.say(f"    reloaded {final}; the projector moved: {moved}")
+        model, saved = trained, final
+
     with stages.stage("export", "to the upstream PyTorch layout and back (theworld-convert export / theworld)"):
         exported, back = _export_round_trip(saved, gemma, cosmos, workdir, stages)
         projector = np.asarray(model.model.world_projector.layers[0].kernel[...], np.float32)
@@ -144,6 +158,38 @@ def run(args: argparse.Namespace, out) -> dict[str, float]:
     stages.summary()
     _closing(stages, workdir, real, image_path)
     return stages.times
+
+
+def _train(saved: str, workdir: str, stages: Stages) -> str:
+    """`theworld-train --config configs/tiny.yaml init=SAVED ...` in this process; returns its final/."""
+    from theworld_jax import tiny
+    from theworld_jax.train.config import load_config
+    from theworld_jax.train.loop import train
+
+    if not os.path.isfile(TINY_CONFIG):
+        raise SystemExit(f"{TINY_CONFIG} is missing: the train stage runs from a checkout of the repository")
+    overrides = [f"output_dir={os.path.join(workdir, 'train-run')}", f"init={saved}", f"steps={TRAIN_STEPS}",
+                 f"log_every={TRAIN_STEPS // 6}", f"checkpoint_every={TRAIN_STEPS}", "eval_every=0", "progress_bar=false",
+                 f"data.train={os.path.join(tiny.DATA_DIR, 'train.jsonl')}", "data.eval=null"]
+    stages.say("    theworld-train --config configs/tiny.yaml " + " ".join(overrides[1:3]))
+    with contextlib.redirect_stdout(_Indented(stages.out)):
+        return train(load_config(TINY_CONFIG, overrides))
+
+
+class _Indented:
+    """A text stream that indents every line it passes on."""
+
+    def __init__(self, out):
+        self.out, self.start = out, True
+
+    def write(self, text: str) -> int:
+        for piece in text.splitlines(keepends=True):
+            self.out.write(("    " if self.start else "") + piece)
+            self.start = piece.endswith("\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
 
 
 def _ask(model, image, prompt: str, max_new_tokens: int, stages: Stages) -> str:
@@ -202,7 +248,8 @@ def _closing(stages: Stages, workdir: str, real: bool, image: str) -> None:
     say(f"  theworld-chat --model {REAL_GEMMA} --cosmos {REAL_COSMOS} \\\n"
         f"      --image {image} --prompt \"{DEFAULT_PROMPT}\"")
     say(f"  theworld-convert theworld --gemma {REAL_GEMMA} --cosmos {REAL_COSMOS} --dst theworld-4b")
-    say("  theworld-convert export --src theworld-4b --dst theworld-4b-upstream")
+    say("  theworld-train --config configs/theworld-4b-projection.yaml data.train=DATA.jsonl")
+    say("  theworld-convert export --src runs/theworld-4b-projection/final --dst theworld-4b-upstream")
 
 
 def main(argv=None, out=None) -> int:
