@@ -96,7 +96,8 @@ def write_work(work: str, smoke: bool, rows: int) -> dict:
         from bench.theworld_gpu_parity import full_processor
         from tests.helpers.full_size import GEMMA3_4B_CONFIG
 
-        gemma = transformers.Gemma3Config(**GEMMA3_4B_CONFIG).to_dict()
+        hf_config = transformers.Gemma3Config(**GEMMA3_4B_CONFIG)
+        gemma = hf_config.to_dict()
         processor = full_processor()
         processor.chat_template = tiny.CHAT_TEMPLATE
         from theworld_jax.config.wan_vae import WanVAEConfig
@@ -104,8 +105,11 @@ def write_work(work: str, smoke: bool, rows: int) -> dict:
         vae = WanVAEConfig().to_dict()
         side, vocab = 448, 250000
     processor.save_pretrained(model_dir)
-    with open(os.path.join(model_dir, "config.json"), "w") as f:
-        json.dump(gemma, f, indent=1)
+    if smoke:
+        with open(os.path.join(model_dir, "config.json"), "w") as f:
+            json.dump(gemma, f, indent=1)
+    else:
+        hf_config.save_pretrained(model_dir)
     with open(os.path.join(work, "vae.json"), "w") as f:
         json.dump(vae, f, indent=1)
     rng = np.random.default_rng(0)
@@ -184,7 +188,7 @@ def torch_worker(args, shape: dict) -> dict:
     device = "cpu" if args.cpu_smoke else "cuda"
     dtype = torch.float32 if args.cpu_smoke else torch.bfloat16
     with open(os.path.join(args.work, "model", "config.json")) as f:
-        config = transformers.Gemma3Config(**{k: v for k, v in json.load(f).items() if k != "model_type"})
+        config = transformers.Gemma3Config.from_dict(json.load(f))
     config._attn_implementation = "sdpa"
     with open(os.path.join(args.work, "vae.json")) as f:
         vae_cfg = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
@@ -296,7 +300,8 @@ def markdown(report: dict) -> str:
     lines = ["# Projector-only training of the full-size TheWorld (bench/train_gpu.py)", "",
              f"Machine: {report['device']}; {report['versions']}. Command: `{report['command']}`.",
              f"Each row: {report['shape']['fused_tokens']} fused tokens ({report['shape']['world_tokens']} world, "
-             f"256 image, the rest text; {report['shape']['targets']} target tokens), padded to a multiple of 128. "
+             f"{report['shape']['image_tokens']} image, the rest text; {report['shape']['targets']} target tokens), "
+             "padded to a multiple of 128 on the JAX side (PyTorch: unpadded). "
              "Step = median of the timed steps after the first (device-synchronised); first step = trace + "
              "compile + one step; MFU = model FLOPs / step time / "
              f"{report['peak_flops'] / 1e12 if report['peak_flops'] else 'n/a'} TFLOP/s dense bf16.", "",
