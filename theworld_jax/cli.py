@@ -33,6 +33,25 @@ class Parser(argparse.ArgumentParser):
 def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars or progress lines on stderr")
     parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+    add_compile_cache(parser)
+
+
+def add_compile_cache(parser: argparse.ArgumentParser) -> None:
+    """--compile-cache DIR / --no-compile-cache; `use_compile_cache(args)` applies them."""
+    parser.add_argument("--compile-cache", metavar="DIR",
+                        help="JAX's persistent compilation cache: a later launch with the same shapes loads its "
+                             "programs instead of compiling them (default: $XDG_CACHE_HOME/theworld_jax/jax, "
+                             "~/.cache/theworld_jax/jax without it)")
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help="neither read nor write the persistent compilation cache")
+
+
+def use_compile_cache(args: argparse.Namespace) -> None:
+    """Turn on the persistent compilation cache unless --no-compile-cache (for parsers that have the flags)."""
+    if hasattr(args, "no_compile_cache") and not args.no_compile_cache:
+        from theworld_jax.jit import enable_compilation_cache
+
+        enable_compilation_cache(args.compile_cache)
 
 
 def one_line(err: BaseException) -> str:
@@ -48,6 +67,7 @@ def run(parser: argparse.ArgumentParser, work: Callable[[argparse.Namespace], in
     """Parse `argv`, then `work(args)`; errors print one line and give exit status 1 (Ctrl-C: 130)."""
     args = parser.parse_args(argv)
     progress.set_quiet(bool(getattr(args, "quiet", False)))
+    use_compile_cache(args)
     if getattr(args, "debug", False):
         return work(args)
     try:

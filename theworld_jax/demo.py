@@ -47,9 +47,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image", type=cli.image_file, help="the image to ask about (default: the sample image shipped with the package)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the question asked about the image")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=None, help="answer length cap (default: 24 tiny, 96 real)")
+    cli.add_compile_cache(p)
     args = p.parse_args(argv)
     if (args.model is None) != (args.cosmos is None):
         p.error("--model and --cosmos go together (the real Gemma 3 and the real Cosmos VAE)")
+    cli.use_compile_cache(args)
     return args
 
 

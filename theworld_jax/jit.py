@@ -6,11 +6,15 @@ values of its variables, so a call costs a flat list of arrays and a jitted disp
 traversal, which is what `nnx.jit` pays per call) and sees parameter updates made in place. The module's
 structure must not change after the first call. Compiled programs are shared by all modules of one
 structure. Under an outer trace (a module holding tracers) the call is inlined as a nested jit.
+
+`enable_compilation_cache()` turns on JAX's persistent compilation cache (the command lines do, unless
+--no-compile-cache): a second launch with the same shapes loads its programs instead of compiling them.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import weakref
 from typing import Any, Callable
 
@@ -54,3 +58,27 @@ def _jit(graphdef, paths: tuple, fn, static_argnames: tuple, donate_argnames: tu
 
     progress.announce_compiles(fn.__name__, fn.__name__.strip("_").replace("_", " "))
     return jax.jit(run, static_argnames=static_argnames, donate_argnames=donate_argnames)
+
+
+def default_compilation_cache_dir() -> str:
+    """$THEWORLD_JAX_COMPILE_CACHE or $JAX_COMPILATION_CACHE_DIR if set, else theworld_jax/jax under
+    $XDG_CACHE_HOME (default ~/.cache)."""
+    for variable in ("THEWORLD_JAX_COMPILE_CACHE", "JAX_COMPILATION_CACHE_DIR"):
+        if os.environ.get(variable):
+            return os.environ[variable]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "theworld_jax", "jax")
+
+
+def enable_compilation_cache(path: str | None = None) -> str:
+    """Keep every compiled program in JAX's persistent cache at `path` (default:
+    `default_compilation_cache_dir()`), and load it from there when the same program is compiled again,
+    in this process or a later one. Call it before the first compilation. Returns the directory."""
+    path = os.path.abspath(os.path.expanduser(path or default_compilation_cache_dir()))
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    # every program: the defaults skip those that compile in under a second or are small, which a
+    # launch has dozens of (sampling, the VAE's pieces, placement), and which add up
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    return path

@@ -43,7 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, help="only the first N rows")
     p.add_argument("--mesh", help="DATA,FSDP,TENSOR: place the model on a mesh of all devices (one may be -1)")
     cli.add_common(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cli.use_compile_cache(args)
+    return args
 
 
 def _check_checkpoint(flag: str, path: str | None) -> None:

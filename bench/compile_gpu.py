@@ -1,0 +1,293 @@
+"""First-call (compile) and steady-state times of TheWorld's programs on one GPU, then the first calls
+again in a fresh process served by JAX's persistent compilation cache.
+
+bf16, random weights (drawn leaf by leaf, bench.theworld_speed_gpu.random_model), gemma-3-4b-it +
+diffusers' default Wan VAE + an mlp world projector. Workloads, B=1:
+- forward: the fused forward with full logits ([BOS, SOW, 4,096 world, EOW, 3 text, BOI, 256 image, EOI,
+  40 text] = 4,400 tokens);
+- train: the projector-only training step: value_and_grad of the loss from the logits at the 40
+  labelled positions, and an optax AdamW update;
+- prefill: generate's prefill of a 4,400-token text prompt (theworld_jax.generation.start, bucketed);
+- decode: generate's decode loop, 127 more tokens (128 new tokens in all, no eos).
+Each is called once (first call: trace + compile + run; compile times from jax.monitoring), then
+--warmup more calls and the median of --repeats timed calls (steady state). Then the same script runs
+in a new process with --first-only on the same --cache-dir, now warm. The cache is on in both
+processes (as the command lines have it), so the first process's first calls include writing it.
+
+Uses only what main at 272c5da already had (the decoder as a Python loop) and later code alike, so
+one device call can measure both: `code` in the report says which decoder ran.
+
+    python -m bench.compile_gpu --cache-dir /tmp/jit-cache --out bench/results/compile_gpu
+    python -m bench.compile_gpu --cpu-smoke --cache-dir /tmp/jit-cache-smoke --out /tmp/compile_smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+
+import numpy as np  # noqa: E402
+
+from bench.common import log, write_report  # noqa: E402
+
+WORKLOADS = ("forward", "train", "prefill", "decode")
+NEW_TOKENS = 128
+_COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+                   "/jax/core/compile/backend_compile_duration": "compile_s"}
+
+
+class CompileClock:
+    """Sums JAX's trace / lowering / backend-compile durations and counts cache hits between `take()`s."""
+
+    def __init__(self):
+        import jax
+
+        self.total = {}
+        jax.monitoring.register_event_duration_secs_listener(self._duration)
+        jax.monitoring.register_event_listener(self._event)
+
+    def _duration(self, event, duration, **_):
+        if event in _COMPILE_EVENTS:
+            key = _COMPILE_EVENTS[event]
+            self.total[key] = self.total.get(key, 0.0) + duration
+
+    def _event(self, event, **_):
+        if "compilation_cache/cache_hits" in event or "compilation_cache/cache_misses" in event:
+            key = "cache_hits" if "hits" in event else "cache_misses"
+            self.total[key] = self.total.get(key, 0) + 1
+
+    def take(self) -> dict:
+        out, self.total = self.total, {}
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def use_cache(directory: str) -> None:
+    """JAX's persistent cache in `directory`, every program cached (what theworld_jax.jit does; set here
+    through jax.config so that older code, without that function, is measured the same way)."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def build(z: dict):
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from bench.theworld_speed_gpu import random_model
+    from theworld_jax.config.gemma3 import Gemma3Config
+    from theworld_jax.config.theworld import TheWorldConfig
+    from theworld_jax.config.wan_vae import WanVAEConfig
+    from theworld_jax.modeling.theworld import TheWorldModel
+
+    gemma_config = Gemma3Config.from_dict(z["config"].to_dict())
+    vae_config = WanVAEConfig.from_dict(z["vae"])
+    config = TheWorldConfig(sow_token_id=z["sow"], eow_token_id=z["eow"], vae_image_size=(z["vae_size"],) * 2)
+    return random_model(lambda: TheWorldModel.create(config, gemma_config, vae_config, dtype=jnp.bfloat16,
+                                                     rngs=nnx.Rngs(0)))
+
+
+def workloads(model, z: dict) -> dict:
+    """{name: (call, wait, prepare)}: `call()` runs the workload once, `wait(result)` blocks on it,
+    `prepare()` (or None) runs untimed before each call."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from bench.theworld_speed_gpu import make_batch
+    from theworld_jax.attention import block_layout
+    from theworld_jax.generation import start
+    from theworld_jax.inputs import Batch
+    from theworld_jax.modeling.fusion import labelled_positions
+
+    x = make_batch(z, 1)
+    layout = block_layout(x["token_type_ids"], x["attention_mask"])
+    keep = jnp.asarray(labelled_positions(x["labels"]))
+    x = {k: jnp.asarray(v, jnp.bfloat16 if v.dtype == np.float32 else jnp.int32) for k, v in x.items()}
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda s, x: nnx.merge(graphdef, s).forward(**x, layout=layout).logits)
+
+    trainable = lambda path, value: "world_projector" in path  # noqa: E731
+    tx = optax.adamw(1e-5)
+    graphdef2, params, frozen = nnx.split(model, trainable, ...)
+
+    def loss_fn(params, frozen, x, keep):
+        return nnx.merge(graphdef2, params, frozen).forward(**x, logits_to_keep=keep, layout=layout).loss
+
+    @jax.jit
+    def step(params, opt_state, frozen, x, keep):
+        loss, grads = jax.value_and_grad(loss_fn)(params, frozen, x, keep)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    carry = [params, tx.init(params)]
+
+    def train():
+        carry[0], carry[1], loss = step(carry[0], carry[1], frozen, x, keep)
+        return loss
+
+    ids = np.random.RandomState(1).randint(*z["text"], (1, z["prompt"])).astype(np.int32)
+    prompt = Batch(input_ids=ids, attention_mask=np.ones(ids.shape, np.int32))
+    decoding = [None]
+
+    def prefill():
+        decoding[0] = start(model.gemma, prompt, max_new_tokens=NEW_TOKENS, eos_token_id=())
+        return decoding[0]
+
+    def fresh_prefill():
+        if decoding[0] is None or decoding[0].finished:
+            prefill().new_tokens()
+
+    def decode():
+        tokens = decoding[0].advance()
+        decoding[0] = None
+        return tokens
+
+    block = jax.block_until_ready
+    return {"forward": (lambda: forward(state, x), block, None),
+            "train": (train, block, None),
+            "prefill": (prefill, lambda d: d.new_tokens(), None),
+            "decode": (decode, lambda t: np.asarray(t), fresh_prefill)}
+
+
+def measure(z: dict, first_only: bool, warmup: int, repeats: int) -> dict:
+    import jax
+
+    clock = CompileClock()
+    t0 = time.perf_counter()
+    model = build(z)
+    jax.block_until_ready(jax.tree.leaves(__import__("flax").nnx.state(model)))
+    out = {"build_s": round(time.perf_counter() - t0, 2), "build_compile": clock.take()}
+    log(f"model built in {out['build_s']} s")
+    for name, (call, wait, prepare) in workloads(model, z).items():
+        if prepare:
+            prepare()
+        clock.take()
+        t0 = time.perf_counter()
+        wait(call())
+        first = time.perf_counter() - t0
+        row = {"first_s": round(first, 3), **clock.take()}
+        log(f"{name}: first call {first:.2f} s {row}")
+        if not first_only:
+            times = []
+            for i in range(warmup + repeats):
+                if prepare:
+                    prepare()
+                t0 = time.perf_counter()
+                wait(call())
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
+            row.update(median_ms=round(statistics.median(times) * 1e3, 3),
+                       times_ms=[round(t * 1e3, 3) for t in times])
+            log(f"{name}: median {row['median_ms']:.2f} ms of {repeats}")
+        out[name] = row
+    return out
+
+
+def sizes(cpu_smoke: bool) -> dict:
+    from bench.theworld_speed_gpu import sizes as speed_sizes
+
+    return speed_sizes(cpu_smoke)
+
+
+def code_kind() -> str:
+    from theworld_jax.modeling import gemma3_text
+
+    return "scan" if hasattr(gemma3_text, "Gemma3LayerStack") else "loop"
+
+
+def versions() -> dict:
+    import flax
+    import jax
+    import optax
+
+    device = jax.devices()[0]
+    return dict(jax=jax.__version__, flax=flax.__version__, optax=optax.__version__, device=str(device),
+                device_kind=getattr(device, "device_kind", None), code=code_kind(),
+                theworld_jax=os.path.dirname(__import__("theworld_jax").__file__))
+
+
+def table(report: dict) -> str:
+    lines = [f"# Compile times: {report['versions'].get('device_kind')} ({report['versions']['code']} decoder)", "",
+             f"jax {report['versions']['jax']}, flax {report['versions']['flax']}; {report['method']}", "",
+             "| workload | first call | of which compile | steady state (median) | first call, warm cache (new process) |",
+             "|---|---|---|---|---|"]
+    cold, warm = report.get("cold", {}), report.get("warm", {})
+    for name in WORKLOADS:
+        c, w = cold.get(name, {}), warm.get(name, {})
+        lines.append(f"| {name} | {c.get('first_s', '-')} s | {c.get('compile_s', '-')} s | "
+                     f"{c.get('median_ms', '-')} ms | {w.get('first_s', '-')} s |")
+    if "error" in report:
+        lines += ["", "```", report["error"][-3000:], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU: checks the script")
+    parser.add_argument("--cache-dir", required=True, help="the persistent compilation cache (new or empty)")
+    parser.add_argument("--out", help="path prefix of the .json and .md reports")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--first-only", action="store_true", help="(internal) first calls only, report as JSON")
+    parser.add_argument("--json", help="(internal) where --first-only writes its result")
+    args = parser.parse_args(argv)
+    if args.cpu_smoke:
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    cache = os.path.abspath(args.cache_dir)
+    if not args.first_only and os.path.isdir(cache) and os.listdir(cache):
+        parser.error(f"--cache-dir {cache} is not empty: the first process must start from a cold cache")
+    os.makedirs(cache, exist_ok=True)
+    use_cache(cache)
+    z = sizes(args.cpu_smoke)
+    if args.first_only:
+        result = measure(z, True, 0, 0)
+        with open(args.json, "w") as f:
+            json.dump(result, f)
+        return 0
+    report = dict(versions=versions(), cache_dir=cache, cpu_smoke=args.cpu_smoke,
+                  mem_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
+                  method=f"B=1, bf16; first call = wall time of the first call (trace + compile + run, the "
+                         f"persistent cache on and cold); steady state = median of {args.repeats} calls after "
+                         f"{args.warmup} warm-up calls, each closed by block_until_ready; warm cache = the first "
+                         f"calls again in a new process on the same cache")
+    log(f"{report['versions']}")
+    try:
+        report["cold"] = measure(z, False, args.warmup, args.repeats)
+        result = os.path.join(cache, "..", f"compile_gpu_warm_{os.getpid()}.json")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        cmd = [sys.executable, "-m", "bench.compile_gpu", "--first-only", "--cache-dir", cache, "--json", result]
+        t0 = time.perf_counter()
+        child = subprocess.run(cmd + (["--cpu-smoke"] if args.cpu_smoke else []), env=env, text=True,
+                               capture_output=True)
+        print(child.stdout + child.stderr, flush=True)
+        if child.returncode:
+            raise RuntimeError(f"the warm-cache process failed ({child.returncode}): {child.stderr[-2000:]}")
+        with open(result) as f:
+            report["warm"] = json.load(f)
+        os.remove(result)
+        report["warm"]["process_s"] = round(time.perf_counter() - t0, 2)
+    except Exception:  # noqa: BLE001 - keep what was measured
+        report["error"] = traceback.format_exc()
+        print(report["error"], flush=True)
+    print(json.dumps(report, indent=2, default=str))
+    if args.out:
+        write_report(os.path.dirname(args.out) or ".", os.path.basename(args.out), report, table(report))
+    return 0 if "error" not in report else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
