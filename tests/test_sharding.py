@@ -38,8 +38,8 @@ EXPECTED = {
     "gemma.language_model.stacks.0.layers.1.mlp.gate_proj.kernel": P(None, "fsdp", "tensor"),  # mlp
     "gemma.language_model.stacks.0.layers.1.mlp.down_proj.kernel": P(None, "tensor", "fsdp"),
     "gemma.language_model.stacks.0.layers.0.input_layernorm.weight": P(None, None),  # layers, norm
-    "gemma.vision_tower.layers.0.self_attn.q_kernel": P("fsdp", "tensor", None),  # vit_embed, vit_heads
-    "gemma.vision_tower.layers.0.mlp.fc1_kernel": P("fsdp", "tensor"),  # vit_mlp
+    "gemma.vision_tower.layers.self_attn.q_kernel": P(None, "fsdp", "tensor", None),  # vit_embed, vit_heads
+    "gemma.vision_tower.layers.mlp.fc1_kernel": P(None, "fsdp", "tensor"),  # vit_mlp
     "gemma.vision_tower.patch_kernel": P(None, None, None, "fsdp"),  # patch
     "gemma.vision_tower.position_embedding": P(None, "fsdp"),  # positions
     "gemma.multi_modal_projector.projection": P("fsdp", None),  # vit_embed, embed (fsdp taken)
