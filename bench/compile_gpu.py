@@ -268,11 +268,10 @@ def main(argv=None) -> int:
     try:
         report["cold"] = measure(z, False, args.warmup, args.repeats)
         result = os.path.join(cache, "..", f"compile_gpu_warm_{os.getpid()}.json")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        # the same interpreter, environment and working directory: the same theworld_jax as this process
         cmd = [sys.executable, "-m", "bench.compile_gpu", "--first-only", "--cache-dir", cache, "--json", result]
         t0 = time.perf_counter()
-        child = subprocess.run(cmd + (["--cpu-smoke"] if args.cpu_smoke else []), env=env, text=True,
-                               capture_output=True)
+        child = subprocess.run(cmd + (["--cpu-smoke"] if args.cpu_smoke else []), text=True, capture_output=True)
         print(child.stdout + child.stderr, flush=True)
         if child.returncode:
             raise RuntimeError(f"the warm-cache process failed ({child.returncode}): {child.stderr[-2000:]}")
