@@ -1,4 +1,4 @@
-"""The decoder scans its layer groups: one group traced per stack, not every layer; the stacked
+"""The decoder scans its layer groups and SigLIP its layers: one group traced per stack, not every layer; the stacked
 parameters load, decode and save under per-layer names; the persistent compilation cache serves a
 second process."""
 
@@ -14,15 +14,17 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from safetensors.numpy import load_file
+from tests.helpers.full_size import GEMMA3_4B_CONFIG
 from tests.helpers.tiny_gemma import build_tiny_gemma3, tiny_gemma3_config
 from tests.helpers.tiny_text_decoder import hf_logits, max_logit_error, positions_from_mask, save_language_model
 
 from theworld_jax.attention import make_attention_mask, make_decode_mask
 from theworld_jax.checkpoint import PARAMS_DIR, restore_params, save_params
-from theworld_jax.config.gemma3 import Gemma3TextConfig, LayerStack
-from theworld_jax.modeling import gemma3_text
+from theworld_jax.config.gemma3 import Gemma3Config, Gemma3TextConfig, LayerStack
+from theworld_jax.modeling import gemma3_text, siglip
 from theworld_jax.modeling.gemma3_text import Gemma3TextDecoder
 from theworld_jax.modeling.kv_cache import KVCache
+from theworld_jax.modeling.siglip import SiglipVisionTower
 from theworld_jax.weights.gemma3_text_keys import text_key_map
 from theworld_jax.weights.loader import export_params, load_params, param_path
 from theworld_jax.weights.safetensors_io import SafetensorsReader, find_safetensors
@@ -96,6 +98,32 @@ def test_one_group_per_stack_is_traced(setup, monkeypatch):
 
     jax.eval_shape(jax.value_and_grad(loss), state, embeds)
     assert len(calls) == 16
+
+
+def test_gemma3_4b_traces_7_layers_not_34(monkeypatch):
+    """The released 4B decoder, abstractly: 5 groups of (5 sliding, 1 full), then 4 groups of 1 sliding."""
+    text = Gemma3TextConfig.from_dict(GEMMA3_4B_CONFIG["text_config"])
+    assert text.layer_stacks() == (LayerStack(0, 6, 5), LayerStack(30, 1, 4))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Gemma3TextDecoder(text, dtype=jnp.bfloat16,
+                                                                          rngs=nnx.Rngs(0))))
+    calls = _count_layer_traces(monkeypatch)
+    mask = make_attention_mask(jnp.ones((1, 16), jnp.int32))
+    jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x, positions=jnp.zeros((1, 16), jnp.int32), mask=mask),
+                   state, jax.ShapeDtypeStruct((1, 16, text.hidden_size), jnp.bfloat16))
+    assert len(calls) == 7
+
+
+def test_siglip_traces_one_of_its_27_layers(monkeypatch):
+    vision = Gemma3Config.from_dict(GEMMA3_4B_CONFIG).vision
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: SiglipVisionTower(vision, dtype=jnp.bfloat16,
+                                                                          rngs=nnx.Rngs(0))))
+    assert nnx.state(nnx.merge(graphdef, state)).layers.mlp.fc1_kernel.shape == (27, 1152, 4304)
+    calls = []
+    original = siglip.SiglipEncoderLayer.__call__
+    monkeypatch.setattr(siglip.SiglipEncoderLayer, "__call__", lambda self, x: calls.append(1) or original(self, x))
+    jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state,
+                   jax.ShapeDtypeStruct((1, 3, 896, 896), jnp.bfloat16))
+    assert len(calls) == 1
 
 
 def test_several_groups_match_transformers_and_decode(setup):
