@@ -143,7 +143,7 @@ def random_like(build, seed: int = 0) -> nnx.Module:
 
     Zero-centred norm weights (Gemma's (1 + w) RMSNorms) get 0.1 N(0, 1), norm scales and gammas
     1 + 0.1 N(0, 1), biases and position embeddings 0.02 N(0, 1), every other array N(0, 1) / sqrt(fan in)
-    with fan in = all axes but the last (so the tied embedding stays small). An array of more than 2**20
+    with fan in = all axes but the last (and a stacked layer's leading axis; so the tied embedding stays small). An array of more than 2**20
     values is a window of one shared block of 2**24 draws, so a 4B-parameter model is drawn in seconds
     (benchmarks); values are cast on the host.
     """
@@ -168,8 +168,9 @@ def random_like(build, seed: int = 0) -> nnx.Module:
             value = 0.1 * noise
         elif name in ("scale", "gamma"):
             value = 1 + 0.1 * noise
-        else:
-            value = noise / math.sqrt(math.prod(shape[:-1]))
+        else:  # a stack of layers (leading "layers" axis, theworld_jax.modeling.gemma3_text): each layer's fan in
+            stacked = tuple(var.get_metadata().get("out_sharding") or ())[:1] == ("layers",)
+            value = noise / math.sqrt(math.prod(shape[1 if stacked else 0:-1]))
         var.set_value(jnp.asarray(np.asarray(value, var.get_value().dtype)))
     return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
 
