@@ -99,3 +99,23 @@ def test_order_is_seeded_bucketed_and_resumable():
     assert len(set(epoch0)) == 96
     assert not np.array_equal(epoch0, np.concatenate([a.step(s).rows for s in range(12, 24)]))
     assert a.padding_fraction() < data_lib.Sampler(lengths, 8, seed=1, buckets=[1024], window=4).padding_fraction()
+
+
+def test_spatial_rgpt_rows_as_upstream_reads_them(tmp_path):
+    """`<mask> <depth>` -> "Region [i]" over unique boxes, counted across turns; boxes kept to be drawn."""
+    from PIL import Image
+
+    Image.new("RGB", (400, 300)).save(tmp_path / "0a1b2c3d.jpg")
+    row = {"filename": "0a1b2c3d", "conversations": [
+        {"from": "human", "value": "<image>\nIs <mask> <depth> wider than <mask> <depth>?"},
+        {"from": "gpt", "value": "Region [0] is wider than Region [1]."},
+        {"from": "human", "value": "How tall is <mask> <depth>?"},
+        {"from": "gpt", "value": "Region [0] is 1.2 meters tall."}],
+        "bbox": [[10, 20, 110, 220], [300, 40, 380, 200], [300, 40, 380, 200]]}
+    s = to_sample(row, "spatial_rgpt", str(tmp_path), DataConfig(draw_bboxes=True))
+    assert s.image == str(tmp_path / "0a1b2c3d.jpg")
+    assert [m["content"] for m in s.messages] == [
+        "Is Region [0] wider than Region [1]?", "Region [0] is wider than Region [1].",
+        "How tall is Region [1]?", "Region [1] is 1.2 meters tall."]
+    assert len(s.boxes) == 2
+    assert to_sample(row, "spatial_rgpt", str(tmp_path), DataConfig()).boxes == ()
