@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -160,7 +162,45 @@ def workloads(model, z: dict) -> dict:
     return {"forward": (lambda: forward(state, x), block, None),
             "train": (train, block, None),
             "prefill": (prefill, lambda d: d.new_tokens(), None),
-            "decode": (decode, lambda t: np.asarray(t), fresh_prefill)}
+            "decode": (decode, lambda t: np.asarray(t), fresh_prefill),
+            "census": lambda: decode_census(prefill(), min_bytes=128 * z["config"].text_config.hidden_size)}
+
+
+_SHAPE = re.compile(r"= (\w+)\[([\d,]*)\]")
+_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f64": 8, "s64": 8}
+
+
+def copy_census(hlo: str, min_bytes: int = 1 << 20) -> dict:
+    """Copies of at least `min_bytes` in an optimized HLO text: plain copies, dynamic slices, and fusions
+    or memcpy thunks named after them (a scanned layer's weights read through a copy show up here)."""
+    out = {"count": 0, "bytes": 0}
+    for line in hlo.splitlines():
+        head = line.split("(", 1)[0]
+        if not any(k in line for k in (" copy(", "dynamic-slice(", "dynamic_slice", "memcpy", "fused_copy")):
+            continue
+        match = _SHAPE.search(head + "(")
+        if match is None or match.group(1) not in _BYTES:
+            continue
+        size = _BYTES[match.group(1)] * math.prod(int(d) for d in match.group(2).split(",") if d)
+        if size >= min_bytes:
+            out["count"] += 1
+            out["bytes"] += size
+    return out
+
+
+def decode_census(decoding, min_bytes: int) -> dict:
+    """copy_census of the compiled decode loop of a `theworld_jax.generation.Decoding` (private fields:
+    the bench reads how its program copies memory; {} when this code's layout differs)."""
+    import jax
+
+    try:
+        bound = decoding._decode
+        values = [v.get_value() for v in bound._variables]
+        state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), decoding._state)
+        lowered = bound._jitted.lower(values, state, jax.numpy.int32(2), *decoding._dynamic, **decoding._static)
+        return {**copy_census(lowered.compile().as_text(), min_bytes), "min_bytes": min_bytes}
+    except Exception as err:  # noqa: BLE001 - a census is optional
+        return {"error": f"{type(err).__name__}: {str(err)[:200]}"}
 
 
 def measure(z: dict, first_only: bool, warmup: int, repeats: int) -> dict:
@@ -172,7 +212,9 @@ def measure(z: dict, first_only: bool, warmup: int, repeats: int) -> dict:
     jax.block_until_ready(jax.tree.leaves(__import__("flax").nnx.state(model)))
     out = {"build_s": round(time.perf_counter() - t0, 2), "build_compile": clock.take()}
     log(f"model built in {out['build_s']} s")
-    for name, (call, wait, prepare) in workloads(model, z).items():
+    work = workloads(model, z)
+    census = work.pop("census")
+    for name, (call, wait, prepare) in work.items():
         if prepare:
             prepare()
         clock.take()
@@ -194,6 +236,9 @@ def measure(z: dict, first_only: bool, warmup: int, repeats: int) -> dict:
                        times_ms=[round(t * 1e3, 3) for t in times])
             log(f"{name}: median {row['median_ms']:.2f} ms of {repeats}")
         out[name] = row
+    if not first_only:
+        out["decode_copies"] = census()
+        log(f"decode loop's large copies: {out['decode_copies']}")
     return out
 
 
@@ -230,6 +275,10 @@ def table(report: dict) -> str:
         c, w = cold.get(name, {}), warm.get(name, {})
         lines.append(f"| {name} | {c.get('first_s', '-')} s | {c.get('compile_s', '-')} s | "
                      f"{c.get('median_ms', '-')} ms | {w.get('first_s', '-')} s |")
+    copies = cold.get("decode_copies", {})
+    if "count" in copies:
+        lines += ["", f"Compiled decode loop: {copies['count']} copies of >= {copies['min_bytes']} bytes, "
+                      f"{copies['bytes'] / 2**20:.1f} MiB in all (inside the loop, each runs once per step)."]
     if "error" in report:
         lines += ["", "```", report["error"][-3000:], "```"]
     return "\n".join(lines) + "\n"

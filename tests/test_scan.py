@@ -9,7 +9,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
@@ -149,26 +148,6 @@ def test_several_groups_match_transformers_and_decode(setup):
                             make_decode_mask(jnp.full((2, 1), i, jnp.int32)), cache)
         steps.append(np.asarray(logits))
     assert max_logit_error(np.concatenate(steps, axis=1), ref, mask) <= 1e-5
-
-
-def test_remat_training_step_through_the_scan(setup):
-    """The gradient with remat="full" equals the one without (the same step, a policy apart)."""
-    decoder, ids, mask = setup["decoder"], setup["ids"], setup["mask"]
-    graphdef, params = nnx.split(decoder)
-    attention = make_attention_mask(jnp.asarray(mask))
-    positions = jnp.asarray(positions_from_mask(mask))
-
-    def loss(params, remat):
-        model = nnx.merge(graphdef, params)
-        hidden, _ = model(model.embed(jnp.asarray(ids)), positions=positions, mask=attention, remat=remat)
-        logits = model.logits(hidden)[:, :-1]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(ids[:, 1:])).mean()
-
-    plain = jax.jit(jax.grad(loss), static_argnums=1)(params, "none")
-    remat = jax.jit(jax.grad(loss), static_argnums=1)(params, "full")
-    for (path, a), (_, b) in zip(nnx.to_flat_state(plain), nnx.to_flat_state(remat)):
-        np.testing.assert_allclose(np.asarray(b.get_value()), np.asarray(a.get_value()), rtol=1e-4, atol=1e-6,
-                                   err_msg=param_path(path))
 
 
 def test_checkpoints_keep_per_layer_names(setup, tmp_path):
