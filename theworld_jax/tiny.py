@@ -143,9 +143,9 @@ def random_like(build, seed: int = 0) -> nnx.Module:
 
     Zero-centred norm weights (Gemma's (1 + w) RMSNorms) get 0.1 N(0, 1), norm scales and gammas
     1 + 0.1 N(0, 1), biases and position embeddings 0.02 N(0, 1), every other array N(0, 1) / sqrt(fan in)
-    with fan in = all axes but the last (and a stacked layer's leading axis; so the tied embedding stays small). An array of more than 2**20
-    values is a window of one shared block of 2**24 draws, so a 4B-parameter model is drawn in seconds
-    (benchmarks); values are cast on the host.
+    with fan in = all axes but the last and a stacked layer's leading one (so the tied embedding stays
+    small). An array of more than 2**20 values tiles a window of one shared block of 2**24 draws, so a
+    4B-parameter model is drawn in seconds (benchmarks); values are cast on the host.
     """
     abstract = nnx.eval_shape(build)
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
@@ -153,26 +153,32 @@ def random_like(build, seed: int = 0) -> nnx.Module:
     rng = np.random.default_rng(seed)
     block = None
     for path, var in flat:
-        name, shape = str(path[-1]), var.get_value().shape
+        shape, dtype = var.get_value().shape, var.get_value().dtype
+        rule = _init_rule(str(path[-1]), shape, var)
         size = math.prod(shape)
         if size <= _LARGE:
-            noise = rng.standard_normal(shape, np.float32)
-        else:
+            value = np.asarray(rule(rng.standard_normal(shape, np.float32)), dtype)
+        else:  # scaled and cast on the window, then tiled: one pass over the array, in its own dtype
             if block is None:
                 block = np.tile(rng.standard_normal(_BLOCK, np.float32), 2)
             start = int(rng.integers(0, _BLOCK))
-            noise = np.resize(block[start:start + min(size, _BLOCK)], shape)
-        if name.endswith("bias") or name == "position_embedding":
-            value = 0.02 * noise
-        elif name in ("weight", "norm_scale"):
-            value = 0.1 * noise
-        elif name in ("scale", "gamma"):
-            value = 1 + 0.1 * noise
-        else:  # a stack of layers (leading "layers" axis, theworld_jax.modeling.gemma3_text): each layer's fan in
-            stacked = tuple(var.get_metadata().get("out_sharding") or ())[:1] == ("layers",)
-            value = noise / math.sqrt(math.prod(shape[1 if stacked else 0:-1]))
-        var.set_value(jnp.asarray(np.asarray(value, var.get_value().dtype)))
+            value = np.resize(np.asarray(rule(block[start:start + min(size, _BLOCK)]), dtype), shape)
+        var.set_value(jnp.asarray(value))
     return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+
+
+def _init_rule(name: str, shape: tuple[int, ...], var):
+    """N(0, 1) draws -> the parameter's values (random_like's table), elementwise."""
+    if name.endswith("bias") or name == "position_embedding":
+        return lambda noise: 0.02 * noise
+    if name in ("weight", "norm_scale"):
+        return lambda noise: 0.1 * noise
+    if name in ("scale", "gamma"):
+        return lambda noise: 1 + 0.1 * noise
+    # a stack of layers (leading "layers" axis, theworld_jax.modeling.gemma3_text): each layer's fan in
+    stacked = tuple(var.get_metadata().get("out_sharding") or ())[:1] == ("layers",)
+    fan_in = math.sqrt(math.prod(shape[1 if stacked else 0:-1]))
+    return lambda noise: noise / fan_in
 
 
 def write_tiny_gemma3(directory: str, seed: int = 0) -> str:
