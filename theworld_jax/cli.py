@@ -51,7 +51,11 @@ def use_compile_cache(args: argparse.Namespace) -> None:
     if hasattr(args, "no_compile_cache") and not args.no_compile_cache:
         from theworld_jax.jit import enable_compilation_cache
 
-        enable_compilation_cache(args.compile_cache)
+        try:
+            enable_compilation_cache(args.compile_cache)
+        except OSError as err:  # an unwritable cache costs compile time, not the command
+            print(f"warning: no persistent compilation cache ({one_line(err)}); programs compile on every launch",
+                  file=sys.stderr)
 
 
 def one_line(err: BaseException) -> str:
