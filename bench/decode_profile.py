@@ -67,17 +67,13 @@ def synthetic_state(cfg, batch: int, length: int, pad: int, capacity: int, seed:
     values, one small draw program per cache shape (one program for the whole state took minutes to compile)."""
     empty = jax.eval_shape(lambda: KVCache.init(cfg, batch, length + capacity, dtype=jnp.bfloat16))
     key = jax.random.key(seed)
-    stacks, i = [], 0
-    for caches in empty.stacks:  # each position of each layer stack: (groups, B, K, S, H)
-        filled = []
-        for layer in caches:
-            k1, k2 = jax.random.split(jax.random.fold_in(key, i))
-            i += 1
-            index = np.broadcast_to(ring_indices(layer.slots, length, pad), layer.index.shape)
-            filled.append(type(layer)(k=_draw(k1, layer.k.shape), v=_draw(k2, layer.v.shape),
-                                      index=jnp.asarray(np.ascontiguousarray(index))))
-        stacks.append(tuple(filled))
-    cache = KVCache(stacks=tuple(stacks), prefilled=True)
+    layers = []
+    for i, layer in enumerate(empty.layers):
+        k1, k2 = jax.random.split(jax.random.fold_in(key, i))
+        index = np.broadcast_to(ring_indices(layer.index.shape[1], length, pad), layer.index.shape)
+        layers.append(type(layer)(k=_draw(k1, layer.k.shape), v=_draw(k2, layer.v.shape),
+                                  index=jnp.asarray(np.ascontiguousarray(index))))
+    cache = KVCache(layers=tuple(layers), prefilled=True)
     last = np.random.default_rng(seed).integers(3, 1000, batch).astype(np.int32)
     tokens = np.zeros((batch, capacity), np.int32)
     tokens[:, 0] = last

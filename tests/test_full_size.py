@@ -93,9 +93,4 @@ def test_every_parameter_places_on_a_mesh(full):
     _, model, _ = full
     specs = param_specs(model, AbstractMesh((2, 8, 4), MESH_AXES))
     assert specs["gemma.language_model.embed_tokens.embedding"] == PartitionSpec("tensor", "fsdp")
-    # 5 groups of (5 sliding, 1 full), then 4 groups of 1 sliding layer, stacked on a replicated leading axis
-    assert specs["gemma.language_model.stacks.0.layers.5.self_attn.k_proj.kernel"] == \
-        PartitionSpec(None, "fsdp", "tensor", None)
-    assert specs["gemma.language_model.stacks.1.layers.0.mlp.down_proj.kernel"] == PartitionSpec(None, "tensor", "fsdp")
-    assert model.gemma.language_model.stacks[0].layers[5].self_attn.k_proj.kernel.shape == (5, 2560, 4, 256)
-    assert model.gemma.language_model.stacks[1].layers[0].mlp.down_proj.kernel.shape == (4, 10240, 2560)
+    assert specs["gemma.language_model.layers.0.self_attn.k_proj.kernel"] == PartitionSpec("fsdp", "tensor", None)

@@ -13,14 +13,13 @@ from safetensors.numpy import save_file
 
 from theworld_jax.config import ConfigError
 from theworld_jax.weights.gemma3_keys import Prefixes, checkpoint_prefixes, load_gemma3
-from theworld_jax.weights.loader import per_layer_values
 from theworld_jax.weights.safetensors_io import CheckpointError
 from tests.helpers.tiny_gemma import build_tiny_gemma3, layout_state_dict, save_tiny_gemma3, tiny_gemma3_config
 
 
 def _params(model) -> dict[str, np.ndarray]:
-    """{per-layer name: array} (stacked layers cut into their slices)."""
-    return {name: np.asarray(value()) for name, value in per_layer_values(model).items()}
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    return {".".join(map(str, path)): np.asarray(var.get_value()) for path, var in flat}
 
 
 def _write(directory, tensors: dict[str, np.ndarray], config: transformers.PretrainedConfig) -> str:

@@ -76,23 +76,19 @@ def test_cache_sizes_follow_layer_types(setup):
 
 
 def test_prefill_keeps_the_last_window_in_ring_slots():
-    """13 tokens, the first 3 padding, into 8 slots of group 1 of 2: indices 5..12 at slot index % 8."""
+    """13 tokens, the first 3 padding, into 8 slots: indices 5..12 at slot index % 8."""
     slots, length = 8, 13
-    layer = LayerCache(k=jnp.zeros((2, 1, 1, slots, 2)), v=jnp.zeros((2, 1, 1, slots, 2)),
-                       index=jnp.full((2, 1, slots), -1, jnp.int32))
+    layer = LayerCache(k=jnp.zeros((1, 1, slots, 2)), v=jnp.zeros((1, 1, slots, 2)),
+                       index=jnp.full((1, slots), -1, jnp.int32))
     index = jnp.arange(length, dtype=jnp.int32)[None]
     values = jnp.broadcast_to(index[..., None, None].astype(jnp.float32), (1, length, 1, 2))
     valid = index >= 3
-    written = layer.write(1, values, -values, index, valid)
+    written = layer.write(values, -values, index, valid)
     expected = np.array([8, 9, 10, 11, 12, 5, 6, 7])
-    np.testing.assert_array_equal(np.asarray(written.index[1, 0]), expected)
-    np.testing.assert_array_equal(np.asarray(written.k[1, 0, 0, :, 0]), expected)
-    np.testing.assert_array_equal(np.asarray(written.v[1, 0, 0, :, 1]), -expected)
-    np.testing.assert_array_equal(np.asarray(written.index[0]), -np.ones((1, slots)))  # group 0 untouched
-    padded = layer.write(0, values[:, :4], values[:, :4], index[:, :4], valid[:, :4])
-    np.testing.assert_array_equal(np.asarray(padded.index[0, 0]), [-1, -1, -1, 3, -1, -1, -1, -1])
-    one = padded.write(0, values[:, 12:], values[:, 12:], index[:, 12:], valid[:, 12:])  # a decode step
-    np.testing.assert_array_equal(np.asarray(one.index[0, 0]), [-1, -1, -1, 3, 12, -1, -1, -1])
+    np.testing.assert_array_equal(np.asarray(written.index[0]), expected)
+    np.testing.assert_array_equal(np.asarray(written.k[0, 0, :, 0]), expected)
+    padded = layer.write(values[:, :4], values[:, :4], index[:, :4], valid[:, :4])
+    np.testing.assert_array_equal(np.asarray(padded.index[0]), [-1, -1, -1, 3, -1, -1, -1, -1])
 
 
 def test_bad_cache_use_is_rejected(setup):

@@ -32,14 +32,13 @@ def abstract_model():
 # One parameter per logical axis, and its PartitionSpec on a (data 1, fsdp 4, tensor 2) mesh.
 EXPECTED = {
     "gemma.language_model.embed_tokens.embedding": P("tensor", "fsdp"),  # vocab, embed
-    # the decoder's layers are stacked for its scan: a leading "layers" axis, replicated
-    "gemma.language_model.stacks.0.layers.0.self_attn.q_proj.kernel": P(None, "fsdp", "tensor", None),  # heads
-    "gemma.language_model.stacks.0.layers.0.self_attn.k_proj.kernel": P(None, "fsdp", "tensor", None),  # kv_heads
-    "gemma.language_model.stacks.0.layers.1.mlp.gate_proj.kernel": P(None, "fsdp", "tensor"),  # mlp
-    "gemma.language_model.stacks.0.layers.1.mlp.down_proj.kernel": P(None, "tensor", "fsdp"),
-    "gemma.language_model.stacks.0.layers.0.input_layernorm.weight": P(None, None),  # layers, norm
-    "gemma.vision_tower.layers.self_attn.q_kernel": P(None, "fsdp", "tensor", None),  # vit_embed, vit_heads
-    "gemma.vision_tower.layers.mlp.fc1_kernel": P(None, "fsdp", "tensor"),  # vit_mlp
+    "gemma.language_model.layers.0.self_attn.q_proj.kernel": P("fsdp", "tensor", None),  # heads, head_dim
+    "gemma.language_model.layers.0.self_attn.k_proj.kernel": P("fsdp", "tensor", None),  # kv_heads
+    "gemma.language_model.layers.0.mlp.gate_proj.kernel": P("fsdp", "tensor"),  # mlp
+    "gemma.language_model.layers.0.mlp.down_proj.kernel": P("tensor", "fsdp"),
+    "gemma.language_model.layers.0.input_layernorm.weight": P(None),  # norm
+    "gemma.vision_tower.layers.0.self_attn.q_kernel": P("fsdp", "tensor", None),  # vit_embed, vit_heads
+    "gemma.vision_tower.layers.0.mlp.fc1_kernel": P("fsdp", "tensor"),  # vit_mlp
     "gemma.vision_tower.patch_kernel": P(None, None, None, "fsdp"),  # patch
     "gemma.vision_tower.position_embedding": P(None, "fsdp"),  # positions
     "gemma.multi_modal_projector.projection": P("fsdp", None),  # vit_embed, embed (fsdp taken)

@@ -28,7 +28,6 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "head_dim": None, "norm": None, "vit_embed": "fsdp", "vit_mlp": "tensor", "vit_heads": "tensor",
     "patch": None, "positions": None, "world_in": None,
     "vae": None,  # the VAE (~127M parameters) stays replicated
-    "layers": None,  # the decoder's stacked layers (the scanned axis): every device holds every layer's slice
 }
 
 # The logical axes of the hidden states (B, L, D) between decoder layers.

@@ -143,8 +143,7 @@ def random_like(build, seed: int = 0) -> nnx.Module:
 
     Zero-centred norm weights (Gemma's (1 + w) RMSNorms) get 0.1 N(0, 1), norm scales and gammas
     1 + 0.1 N(0, 1), biases and position embeddings 0.02 N(0, 1), every other array N(0, 1) / sqrt(fan in)
-    with fan in = all axes but the last and a stacked layer's leading one (so the tied embedding stays
-    small). An array of more than 2**20 values tiles a window of one shared block of 2**24 draws, so a
+    with fan in = all axes but the last (so the tied embedding stays small). An array of more than 2**20 values tiles a window of one shared block of 2**24 draws, so a
     4B-parameter model is drawn in seconds (benchmarks); values are cast on the host.
     """
     abstract = nnx.eval_shape(build)
@@ -154,7 +153,7 @@ def random_like(build, seed: int = 0) -> nnx.Module:
     block = None
     for path, var in flat:
         shape, dtype = var.get_value().shape, var.get_value().dtype
-        rule = _init_rule(str(path[-1]), shape, var)
+        rule = _init_rule(str(path[-1]), shape)
         size = math.prod(shape)
         if size <= _LARGE:
             value = np.asarray(rule(rng.standard_normal(shape, np.float32)), dtype)
@@ -167,7 +166,7 @@ def random_like(build, seed: int = 0) -> nnx.Module:
     return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
 
 
-def _init_rule(name: str, shape: tuple[int, ...], var):
+def _init_rule(name: str, shape: tuple[int, ...]):
     """N(0, 1) draws -> the parameter's values (random_like's table), elementwise."""
     if name.endswith("bias") or name == "position_embedding":
         return lambda noise: 0.02 * noise
@@ -175,9 +174,7 @@ def _init_rule(name: str, shape: tuple[int, ...], var):
         return lambda noise: 0.1 * noise
     if name in ("scale", "gamma"):
         return lambda noise: 1 + 0.1 * noise
-    # a stack of layers (leading "layers" axis, theworld_jax.modeling.gemma3_text): each layer's fan in
-    stacked = tuple(var.get_metadata().get("out_sharding") or ())[:1] == ("layers",)
-    fan_in = math.sqrt(math.prod(shape[1 if stacked else 0:-1]))
+    fan_in = math.sqrt(math.prod(shape[:-1]))
     return lambda noise: noise / fan_in
 
 

@@ -28,11 +28,10 @@ sharded = TheWorld.from_pretrained(os.path.join(root, "gemma"), mesh=mesh, **kw)
 
 embedding = sharded.model.gemma.language_model.embed_tokens.embedding.get_value()
 assert tuple(embedding.sharding.spec) == ("tensor", "fsdp"), embedding.sharding.spec
-layers = sharded.model.gemma.language_model.stacks[0].layers  # stacked on a leading, replicated "layers" axis
-q = layers[0].self_attn.q_proj.kernel.get_value()
-assert tuple(q.sharding.spec) == (None, "fsdp", "tensor", None), q.sharding.spec
-k = layers[0].self_attn.k_proj.kernel.get_value()
-assert tuple(k.sharding.spec) == (None, "fsdp", None, None), k.sharding.spec  # 1 kv head: not split over tensor=2
+q = sharded.model.gemma.language_model.layers[0].self_attn.q_proj.kernel.get_value()
+assert tuple(q.sharding.spec) == ("fsdp", "tensor", None), q.sharding.spec
+k = sharded.model.gemma.language_model.layers[0].self_attn.k_proj.kernel.get_value()
+assert tuple(k.sharding.spec) == ("fsdp", None, None), k.sharding.spec  # 1 kv head: not split over tensor=2
 
 with activate(mesh):  # the decoder-layer boundary constraint: batch over data and fsdp
     hidden = jax.jit(lambda x: constrain(x, HIDDEN))(jnp.zeros((4, 5, 64)))
@@ -54,7 +53,6 @@ np.testing.assert_array_equal(sharded.generate(**enc, **gen_kw), plain.generate(
 saved = os.path.join(root, "saved")
 sharded.save_pretrained(saved)
 again = TheWorld.from_pretrained(saved, mesh=mesh, dtype=jnp.float32)
-assert again.model.gemma.language_model.stacks[0].layers[0].self_attn.q_proj.kernel.get_value().sharding.spec == \
-    q.sharding.spec
+assert again.model.gemma.language_model.layers[0].self_attn.q_proj.kernel.get_value().sharding.spec == q.sharding.spec
 np.testing.assert_allclose(np.asarray(again(**enc, images=images).logits), np.asarray(ours.logits), rtol=0, atol=1e-6)
 print("OK", diff)

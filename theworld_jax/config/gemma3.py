@@ -49,37 +49,6 @@ class RopeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class LayerStack:
-    """`repeats` consecutive copies of one period of layer types, from layer `start`: layer
-    start + r * period + j is position j of group r. The decoder scans a stack's groups."""
-
-    start: int
-    period: int
-    repeats: int
-
-    def layer(self, group: int, position: int) -> int:
-        return self.start + group * self.period + position
-
-    @property
-    def stop(self) -> int:
-        return self.start + self.period * self.repeats
-
-
-def layer_stacks(layer_types: tuple[str, ...]) -> tuple[LayerStack, ...]:
-    """The layers as stacks of repeated groups: the shortest period p of the types (types[i] == types[i % p]),
-    as many whole periods as fit, then the rest the same way. Gemma 3 4B (5 sliding + 1 full, 34 layers):
-    5 groups of 6, then 4 groups of 1 sliding layer."""
-    stacks, start = [], 0
-    while start < len(layer_types):
-        rest = layer_types[start:]
-        period = next(p for p in range(1, len(rest) + 1)
-                      if all(t == rest[i % p] for i, t in enumerate(rest)))
-        stacks.append(LayerStack(start, period, len(rest) // period))
-        start = stacks[-1].stop
-    return tuple(stacks)
-
-
-@dataclasses.dataclass(frozen=True)
 class Gemma3TextConfig:
     vocab_size: int
     hidden_size: int
@@ -124,10 +93,6 @@ class Gemma3TextConfig:
 
     def rope_for(self, layer: int) -> RopeConfig:
         return dict(self.rope)[self.layer_types[layer]]
-
-    def layer_stacks(self) -> tuple[LayerStack, ...]:
-        """How the decoder groups its layers for its scans (see `layer_stacks`)."""
-        return layer_stacks(self.layer_types)
 
     def window(self, layer: int) -> int | None:
         """Sliding window (keys q-W < k <= q) of a layer, None for full attention."""

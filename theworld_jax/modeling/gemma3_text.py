@@ -2,12 +2,6 @@
 
 Parameters keep their HuggingFace values (unscaled embedding, raw (1 + w) norm weights) in the model's
 own axis order: q (D,N,H), k/v (D,K,H), o (N,H,D), gate/up (D,F), down (F,D), embedding (V,D).
-
-The layers run as scans over groups that share a structure (`Gemma3TextConfig.layer_stacks`: for
-Gemma 3 4B, 5 groups of 5 sliding + 1 full layer, then 4 groups of 1 sliding layer), so a compile
-traces one group per stack, not every layer. Each stack keeps position j of its groups as one layer
-whose parameters are stacked on a leading "layers" axis (R, ...); checkpoints still name every layer
-(`layers.{i}.`): `Gemma3TextDecoder.per_layer_names` tells the loaders which slice is which layer.
 """
 
 from __future__ import annotations
@@ -17,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from theworld_jax.attention import AttentionMask, dot_product_attention
-from theworld_jax.config.gemma3 import Gemma3TextConfig, LayerStack
+from theworld_jax.config.gemma3 import Gemma3TextConfig, RopeConfig
 from theworld_jax.modeling.kv_cache import KVCache, LayerCache, cached_attention
 from theworld_jax.modeling.layers import Einsum, Embedding, GatedMLP, RMSNorm, apply_rope, rope_tables
 from theworld_jax.sharding import HIDDEN, constrain
@@ -55,9 +49,8 @@ class Gemma3Attention(nnx.Module):
         self.scale = config.query_scale
 
     def __call__(self, x, rope: tuple[jax.Array, jax.Array], mask: AttentionMask, cache: LayerCache | None,
-                 group, prefilled: bool, implementation: str | None) -> tuple[jax.Array, LayerCache | None]:
-        """x (B,T,D), rope (cos, sin) (B,T,H) -> ((B,T,D), updated cache or None); `group`: this layer's
-        group in its stack (the cache's slice)."""
+                 prefilled: bool, implementation: str | None) -> tuple[jax.Array, LayerCache | None]:
+        """x (B,T,D), rope (cos, sin) (B,T,H) -> ((B,T,D), updated cache or None)."""
         cos, sin = rope
         q = apply_rope(self.q_norm(self.q_proj.matmul(x, 1)), cos, sin)  # BTD,DNH->BTNH
         k = apply_rope(self.k_norm(self.k_proj.matmul(x, 1)), cos, sin)  # BSD,DKH->BSKH
@@ -66,7 +59,7 @@ class Gemma3Attention(nnx.Module):
         if cache is None:
             out = dot_product_attention(q, k, v, mask, **kw)
         else:
-            out, cache = cached_attention(cache, group, prefilled, q, k, v, mask, **kw)
+            out, cache = cached_attention(cache, prefilled, q, k, v, mask, **kw)
         return self.o_proj.matmul(out, 2), cache  # BTNH,NHD->BTD
 
 
@@ -82,54 +75,15 @@ class Gemma3DecoderLayer(nnx.Module):
         self.pre_feedforward_layernorm = RMSNorm(d, eps=eps, param_dtype=param_dtype)
         self.post_feedforward_layernorm = RMSNorm(d, eps=eps, param_dtype=param_dtype)
 
-    def __call__(self, x, rope, mask, cache, group, prefilled, implementation):
-        attn, cache = self.self_attn(self.input_layernorm(x), rope, mask, cache, group, prefilled, implementation)
+    def __call__(self, x, rope, mask, cache, prefilled, implementation):
+        attn, cache = self.self_attn(self.input_layernorm(x), rope, mask, cache, prefilled, implementation)
         x = x + self.post_attention_layernorm(attn)
         x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         return x, cache
 
 
-class Gemma3LayerStack(nnx.Module):
-    """The groups of one `LayerStack`: `layers[j]` is position j of every group, its parameters stacked on
-    a leading "layers" axis (R, ...); calling it scans the groups."""
-
-    def __init__(self, config: Gemma3TextConfig, stack: LayerStack, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.stack = stack
-
-        @nnx.split_rngs(splits=stack.repeats)
-        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def create(rngs: nnx.Rngs) -> nnx.List:
-            return nnx.List([Gemma3DecoderLayer(config, stack.start + j, dtype=dtype, param_dtype=param_dtype,
-                                                rngs=rngs) for j in range(stack.period)])
-
-        self.layers = create(rngs)
-
-    def __call__(self, x: jax.Array, ropes: tuple, mask: AttentionMask, caches: tuple[LayerCache, ...] | None,
-                 prefilled: bool, implementation: str | None, policy) -> tuple[jax.Array, tuple | None]:
-        """x (B, L, D) through every group; ropes[j], caches[j]: position j's RoPE tables and cache;
-        policy: a jax.checkpoint policy for each layer, or None."""
-        defs, states = zip(*(nnx.split(layer) for layer in self.layers))
-
-        def group(carry, xs):
-            x, caches = carry
-            states, g = xs
-            new = []
-            for j, state in enumerate(states):
-                def call(state, x, rope, mask, cache, g, j=j):
-                    return nnx.merge(defs[j], state)(x, rope, mask, cache, g, prefilled, implementation)
-                if policy is not None:
-                    call = jax.checkpoint(call, policy=policy, prevent_cse=False)
-                x, cache = call(state, x, ropes[j], mask, None if caches is None else caches[j], g)
-                x = constrain(x, HIDDEN)
-                new.append(cache)
-            return (x, None if caches is None else tuple(new)), None
-
-        (x, caches), _ = jax.lax.scan(group, (x, caches), (states, jnp.arange(self.stack.repeats)))
-        return x, caches
-
-
 class Gemma3TextDecoder(nnx.Module):
-    """Embedding, decoder layers (scanned stacks of groups), final norm and tied output head of Gemma 3.
+    """Embedding, decoder layers, final norm and tied output head of Gemma 3.
 
     `dtype` is the compute dtype (and the parameter dtype unless `param_dtype` is given); norms, RoPE
     tables, attention logits and softmax are computed in float32.
@@ -141,15 +95,10 @@ class Gemma3TextDecoder(nnx.Module):
         self.dtype = dtype
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype,
                                       param_dtype=param_dtype, rngs=rngs)
-        self.stacks = nnx.List([Gemma3LayerStack(config, stack, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                                for stack in config.layer_stacks()])
+        self.layers = nnx.List([
+            Gemma3DecoderLayer(config, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
-
-    def per_layer_names(self) -> dict[str, tuple[str, ...]]:
-        """{prefix of stacked parameters: the per-layer prefix of each slice of their leading axis}, e.g.
-        "stacks.0.layers.5." -> ("layers.5.", "layers.11.", ...): the names checkpoints use."""
-        return {f"stacks.{s}.layers.{j}.": tuple(f"layers.{stack.layer(g, j)}." for g in range(stack.repeats))
-                for s, stack in enumerate(self.config.layer_stacks()) for j in range(stack.period)}
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """input_ids (B, L) -> W[ids] * sqrt(D) (B, L, D) in `dtype` (the scale rounded to `dtype` first)."""
@@ -165,22 +114,34 @@ class Gemma3TextDecoder(nnx.Module):
         """embeds (B, L, D) (text tokens already scaled), positions (B, L) int RoPE positions, `mask` over
         these L tokens (and, without a cache, as keys too) -> (hidden (B, L, D) after the final norm,
         the cache with these tokens stored, or None). implementation: the attention kernel (None picks,
-        see theworld_jax.attention); remat: a name of REMAT_POLICIES (applied to each layer)."""
+        see theworld_jax.attention); remat: a name of REMAT_POLICIES."""
         self._check_inputs(embeds, positions, mask, cache)
         prefilled = cache is not None and cache.prefilled
+
         policy = REMAT_POLICIES[check_remat(remat)]
-        cfg = self.config
-        tables = {rope: rope_tables(positions, rope, cfg.head_dim, self.dtype) for rope in dict(cfg.rope).values()}
+
+        def run_layer(layer, x, rope, mask, layer_cache):
+            if policy is None:
+                return layer(x, rope, mask, layer_cache, prefilled, implementation)
+            graphdef, state = nnx.split(layer)  # a pure function of the layer's state: safe under any transform
+
+            def pure(state, x, rope, mask, layer_cache):
+                return nnx.merge(graphdef, state)(x, rope, mask, layer_cache, prefilled, implementation)
+
+            return jax.checkpoint(pure, policy=policy)(state, x, rope, mask, layer_cache)
         x = constrain(embeds.astype(self.dtype), HIDDEN)
-        new_caches = []
-        for s, stack in enumerate(self.stacks):
-            info = stack.stack
-            ropes = tuple(tables[cfg.rope_for(info.start + j)] for j in range(info.period))
-            x, caches = stack(x, ropes, mask, None if cache is None else cache.stacks[s], prefilled,
-                              implementation, policy)
-            new_caches.append(caches)
+        ropes: dict[RopeConfig, tuple[jax.Array, jax.Array]] = {}
+        new_layers = []
+        for i, layer in enumerate(self.layers):
+            rope = self.config.rope_for(i)
+            if rope not in ropes:
+                ropes[rope] = rope_tables(positions, rope, self.config.head_dim, self.dtype)
+            layer_cache = None if cache is None else cache.layers[i]
+            x, layer_cache = run_layer(layer, x, ropes[rope], mask, layer_cache)
+            x = constrain(x, HIDDEN)
+            new_layers.append(layer_cache)
         hidden = self.norm(x)
-        new_cache = None if cache is None else KVCache(stacks=tuple(new_caches), prefilled=True)
+        new_cache = None if cache is None else KVCache(layers=tuple(new_layers), prefilled=True)
         return hidden, new_cache
 
     def _check_inputs(self, embeds, positions, mask: AttentionMask, cache: KVCache | None) -> None:
@@ -198,11 +159,10 @@ class Gemma3TextDecoder(nnx.Module):
             raise ValueError(f"without a KV cache the keys are the {length} input tokens, but the mask's keys "
                              f"have shape {mask.k_index.shape}")
         if cache is not None:
-            if len(cache.slot_counts()) != cfg.num_hidden_layers:
-                raise ValueError(f"the KV cache has {len(cache.slot_counts())} layers, the model "
-                                 f"{cfg.num_hidden_layers}")
-            if cache.batch != b:
-                raise ValueError(f"the KV cache is for batch {cache.batch}, the input has {b}")
+            if len(cache.layers) != cfg.num_hidden_layers:
+                raise ValueError(f"the KV cache has {len(cache.layers)} layers, the model {cfg.num_hidden_layers}")
+            if cache.layers[0].index.shape[0] != b:
+                raise ValueError(f"the KV cache is for batch {cache.layers[0].index.shape[0]}, the input has {b}")
             max_length = max(cache.slot_counts())
             if length > max_length:
                 raise ValueError(f"{length} new tokens do not fit a KV cache of max_length {max_length}")

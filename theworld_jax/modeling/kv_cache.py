@@ -2,8 +2,8 @@
 
 Each layer keeps k, v (B, K, S_l, H) (after k_norm and RoPE; heads before slots, so that decode
 attention reads each head's keys as one contiguous (S_l, H) matrix with no transposed copy of the
-cache) and `index` (B, S_l) int32, stacked over the groups of its layer stack as the decoder's
-parameters are (R, B, K, S_l, H): the sequence index of the token in each slot, or -1 for an empty slot or a padding token (so `index >= 0` is the
+cache) and `index` (B, S_l) int32: the sequence
+index of the token in each slot, or -1 for an empty slot or a padding token (so `index >= 0` is the
 key's validity). Full layers have S_l = max_length slots; sliding layers S_l = min(window, max_length),
 used as a ring: the token with index i lives in slot i % S_l. Indices must stay below max_length.
 
@@ -29,10 +29,7 @@ from theworld_jax.config.gemma3 import Gemma3TextConfig
 
 @struct.dataclass
 class LayerCache:
-    """The keys and values of one position of a layer group, stacked over the groups of its stack
-    (the decoder scans them): k, v (R, B, K, S, H); index (R, B, S) int32, -1 = no valid token.
-    Methods read or update group `g` (a traced int); updates are scatters into the stacked buffers, so
-    a scan carrying the cache updates it in place."""
+    """One layer's keys and values. k, v (B, K, S, H); index (B, S) int32, -1 = no valid token."""
 
     k: jax.Array
     v: jax.Array
@@ -40,40 +37,44 @@ class LayerCache:
 
     @property
     def slots(self) -> int:
-        return self.index.shape[2]
+        return self.index.shape[1]
 
-    def write(self, g, k: jax.Array, v: jax.Array, index: jax.Array, valid: jax.Array) -> LayerCache:
-        """Store T tokens of group g (k, v (B,T,K,H), index/valid (B,T)) at slots index % S; when T > S,
-        only the last S indices of each row are kept. Invalid tokens are stored with index -1."""
-        slots, t = self.slots, index.shape[1]
+    def write(self, k: jax.Array, v: jax.Array, index: jax.Array, valid: jax.Array) -> LayerCache:
+        """Store T tokens (k, v (B,T,K,H), index/valid (B,T)) at slots index % S; when T > S, only the
+        last S indices of each row are kept. Invalid tokens are stored with index -1."""
+        slots = self.slots
         stored = jnp.where(valid, index, -1).astype(jnp.int32)
-        newest = jnp.max(index, axis=1, keepdims=True)
-        slot = jnp.where(index > newest - slots, index % slots, slots)  # out of range: dropped
-        rows = jnp.arange(index.shape[0])[:, None]
-        kw = dict(mode="drop", unique_indices=t == 1)
-        # [g, rows, :, slot] indexes (B, T, K, H): the advanced indices' shape first, as k and v come
-        return LayerCache(k=self.k.at[g, rows, :, slot].set(k.astype(self.k.dtype), **kw),
-                          v=self.v.at[g, rows, :, slot].set(v.astype(self.v.dtype), **kw),
-                          index=self.index.at[g, rows, slot].set(stored, **kw))
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # (B,K,T,H), as stored
+        if index.shape[1] == 1:  # one token per row (decoding): its slot is always in range
+            def put(buffer, where, values):  # buffer (S,) or (K, S, H); values (1,) or (K, 1, H)
+                return jax.lax.dynamic_update_slice_in_dim(buffer, values.astype(buffer.dtype), where[0],
+                                                           axis=buffer.ndim - 1 - (buffer.ndim > 1))
+            slot = index % slots
+        else:
+            def put(buffer, where, values):  # buffer (S,) or (K, S, H); values (T,) or (K, T, H)
+                at = buffer.at[where] if buffer.ndim == 1 else buffer.at[:, where]
+                return at.set(values.astype(buffer.dtype), mode="drop")
+            newest = jnp.max(index, axis=1, keepdims=True)
+            slot = jnp.where(index > newest - slots, index % slots, slots)  # out of range: dropped
+        return LayerCache(k=jax.vmap(put)(self.k, slot, k), v=jax.vmap(put)(self.v, slot, v),
+                          index=jax.vmap(put)(self.index, slot, stored))
 
-    def keys(self, g) -> tuple[jax.Array, jax.Array]:
-        """Group g's (k, v) as (B, S, K, H), the layout of the attention functions (a view: XLA folds the
+    def keys(self) -> tuple[jax.Array, jax.Array]:
+        """(k, v) as (B, S, K, H), the layout of the attention functions (a view: XLA folds the
         transpose into the attention's dot products)."""
-        return jnp.swapaxes(self.k[g], 1, 2), jnp.swapaxes(self.v[g], 1, 2)
+        return jnp.swapaxes(self.k, 1, 2), jnp.swapaxes(self.v, 1, 2)
 
-    def key_mask(self, g, mask: AttentionMask) -> AttentionMask:
-        """The queries of `mask` against group g's slots."""
-        index = self.index[g]
-        return AttentionMask(q_index=mask.q_index, k_index=index, k_valid=index >= 0,
-                             q_block=mask.q_block, k_block=jnp.zeros_like(index))
+    def key_mask(self, mask: AttentionMask) -> AttentionMask:
+        """The queries of `mask` against this cache's slots."""
+        return AttentionMask(q_index=mask.q_index, k_index=self.index, k_valid=self.index >= 0,
+                             q_block=mask.q_block, k_block=jnp.zeros_like(self.index))
 
 
 @struct.dataclass
 class KVCache:
-    """The caches of the decoder's layer stacks (Gemma3TextConfig.layer_stacks): `stacks[s][j]` holds
-    position j of every group of stack s. `prefilled` (static) is False until the first call stored tokens."""
+    """Per-layer caches; `prefilled` (static) is False until the first call has stored tokens."""
 
-    stacks: tuple[tuple[LayerCache, ...], ...]
+    layers: tuple[LayerCache, ...]
     prefilled: bool = struct.field(pytree_node=False, default=False)
 
     @classmethod
@@ -81,33 +82,24 @@ class KVCache:
         """An empty cache for sequences of up to `max_length` tokens (prompt included)."""
         if batch < 1 or max_length < 1:
             raise ValueError(f"a KV cache needs batch >= 1 and max_length >= 1, got {batch} and {max_length}")
-        stacks = []
-        for stack in config.layer_stacks():
-            caches = []
-            for j in range(stack.period):
-                window = config.window(stack.start + j)
-                slots = max_length if window is None else min(window, max_length)
-                shape = (stack.repeats, batch, config.num_key_value_heads, slots, config.head_dim)
-                caches.append(LayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                                         index=jnp.full(shape[:2] + (slots,), -1, jnp.int32)))
-            stacks.append(tuple(caches))
-        return cls(stacks=tuple(stacks), prefilled=False)
-
-    @property
-    def batch(self) -> int:
-        return self.stacks[0][0].index.shape[1]
+        layers = []
+        for i in range(config.num_hidden_layers):
+            window = config.window(i)
+            slots = max_length if window is None else min(window, max_length)
+            shape = (batch, config.num_key_value_heads, slots, config.head_dim)
+            layers.append(LayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                                     index=jnp.full((batch, slots), -1, jnp.int32)))
+        return cls(layers=tuple(layers), prefilled=False)
 
     def slot_counts(self) -> tuple[int, ...]:
-        """Slots of each layer, in layer order."""
-        return tuple(caches[j].slots for caches in self.stacks for _ in range(caches[0].index.shape[0])
-                     for j in range(len(caches)))
+        return tuple(layer.slots for layer in self.layers)
 
 
-def cached_attention(cache: LayerCache, g, prefilled: bool, q: jax.Array, k: jax.Array, v: jax.Array,
+def cached_attention(cache: LayerCache, prefilled: bool, q: jax.Array, k: jax.Array, v: jax.Array,
                      mask: AttentionMask, *, window: int | None, scale: float,
                      implementation: str | None = None) -> tuple[jax.Array, LayerCache]:
-    """Attention of T new tokens through group g of a layer's cache. q (B,T,N,H), k/v (B,T,K,H), `mask`
-    over the new tokens only -> (out (B,T,N,H), the cache with the new tokens stored)."""
+    """Attention of T new tokens through one layer's cache. q (B,T,N,H), k/v (B,T,K,H), `mask` over
+    the new tokens only -> (out (B,T,N,H), the cache with the new tokens stored)."""
     t = q.shape[1]
     if mask.k_index.shape != (q.shape[0], t):
         raise ValueError(f"with a KV cache the mask's keys must be the {t} new tokens, got k_index of shape "
@@ -115,18 +107,18 @@ def cached_attention(cache: LayerCache, g, prefilled: bool, q: jax.Array, k: jax
     kw = dict(window=window, scale=scale, implementation=implementation)
     if not prefilled:
         out = dot_product_attention(q, k, v, mask, **kw)
-        return out, cache.write(g, k, v, mask.k_index, mask.k_valid)
+        return out, cache.write(k, v, mask.k_index, mask.k_valid)
     if t == 1:
-        cache = cache.write(g, k, v, mask.k_index, mask.k_valid)
-        return dot_product_attention(q, *cache.keys(g), cache.key_mask(g, mask), **kw), cache
-    held = cache.key_mask(g, mask)
+        cache = cache.write(k, v, mask.k_index, mask.k_valid)
+        return dot_product_attention(q, *cache.keys(), cache.key_mask(mask), **kw), cache
+    held = cache.key_mask(mask)
     joint = AttentionMask(
         q_index=mask.q_index, q_block=mask.q_block,
         k_index=jnp.concatenate([held.k_index, mask.k_index], axis=1),
         k_valid=jnp.concatenate([held.k_valid, mask.k_valid], axis=1),
         k_block=jnp.concatenate([held.k_block, mask.k_block], axis=1))
-    held_k, held_v = cache.keys(g)
+    held_k, held_v = cache.keys()
     keys = jnp.concatenate([held_k, k.astype(held_k.dtype)], axis=1)
     values = jnp.concatenate([held_v, v.astype(held_v.dtype)], axis=1)
     out = dot_product_attention(q, keys, values, joint, **kw)
-    return out, cache.write(g, k, v, mask.k_index, mask.k_valid)
+    return out, cache.write(k, v, mask.k_index, mask.k_valid)

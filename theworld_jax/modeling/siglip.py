@@ -4,8 +4,6 @@ pixel_values (B, C, S, S) -> patch embedding (a 'valid' conv with stride = kerne
 over non-overlapping patches) + learned position embedding -> pre-LN encoder blocks (MHA with biases,
 no mask; tanh-GELU MLP) -> post_layernorm -> (B, P, D), P = (S / patch)**2 in row-major patch order.
 LayerNorms and the attention softmax run in float32; everything else in the parameter dtype.
-The encoder layers are one layer's parameters stacked on a leading "layers" axis, run by a scan (one
-layer traced, not 27); checkpoints name every layer (`per_layer_names`).
 """
 
 from __future__ import annotations
@@ -98,18 +96,9 @@ class SiglipVisionTower(nnx.Module):
         self.patch_bias = param(jnp.zeros((d,), dtype), ("norm",))
         self.position_embedding = param(_init(rngs.params(), (config.patches_per_side ** 2, d), dtype),
                                         ("positions", "vit_embed"))
-
-        @nnx.split_rngs(splits=config.num_hidden_layers)
-        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def create(rngs: nnx.Rngs) -> SiglipEncoderLayer:
-            return SiglipEncoderLayer(config, dtype=dtype, rngs=rngs)
-
-        self.layers = create(rngs)  # parameters (num_hidden_layers, ...)
+        self.layers = nnx.List([SiglipEncoderLayer(config, dtype=dtype, rngs=rngs)
+                                for _ in range(config.num_hidden_layers)])
         self.post_layernorm = _layer_norm(d, config.layer_norm_eps, dtype, rngs)
-
-    def per_layer_names(self) -> dict[str, tuple[str, ...]]:
-        """The stacked encoder layers' slices are the checkpoints' layers.{i}. (see weights.loader)."""
-        return {"layers.": tuple(f"layers.{i}." for i in range(self.config.num_hidden_layers))}
 
     def check_pixels(self, pixel_values) -> None:
         """Raise a ValueError unless pixel_values is (B, C, S, S) with this tower's C and S."""
@@ -133,6 +122,6 @@ class SiglipVisionTower(nnx.Module):
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         self.check_pixels(pixel_values)
         x = self.embed_patches(pixel_values)
-        graphdef, state = nnx.split(self.layers)
-        x, _ = jax.lax.scan(lambda x, layer: (nnx.merge(graphdef, layer)(x), None), x, state)
+        for layer in self.layers:
+            x = layer(x)
         return self.post_layernorm(x)

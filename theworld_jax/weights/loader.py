@@ -9,11 +9,6 @@ transform traced on the parameter's abstract shape.
 Loading walks the rows, reads each tensor, checks its shape, transforms it, casts it and places it on
 its device or sharding. Every checkpoint tensor must be used and every parameter filled: anything else
 is a `CheckpointError` naming the key. Exporting applies the export transforms and writes safetensors.
-
-Paths are per-layer names: a module that stacks layers for a scan (the Gemma 3 decoder) declares
-`per_layer_names()`, {prefix of its stacked parameters: the per-layer prefix of each slice}, and
-`per_layer_params` resolves every name to (parameter path, slice). Key maps and Orbax checkpoints use
-these names, so the on-disk layout does not depend on how the model stacks its layers.
 """
 
 from __future__ import annotations
@@ -68,51 +63,16 @@ def prefixed(rows: Iterable[Row], path: str = "", key: str = "") -> KeyMap:
     return tuple(dataclasses.replace(r, path=path + r.path, key=key + r.key) for r in rows)
 
 
-def per_layer_params(model: nnx.Module) -> dict[str, tuple[str, int | None]]:
-    """{per-layer name: (the model's parameter path, index on its leading axis, or None: the whole)}."""
-    stacked: dict[str, tuple[str, ...]] = {}
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Module) and hasattr(node, "per_layer_names"):
-            base = param_path(path) + "." if path else ""
-            stacked.update({base + k: tuple(base + n for n in v) for k, v in node.per_layer_names().items()})
-    out = {}
-    for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name = param_path(path)
-        prefix = next((p for p in stacked if name.startswith(p)), None)
-        if prefix is None:
-            out[name] = (name, None)
-        else:
-            out.update({layer + name[len(prefix):]: (name, g) for g, layer in enumerate(stacked[prefix])})
-    return out
-
-
 def abstract_params(model: nnx.Module) -> dict[str, jax.ShapeDtypeStruct]:
-    """{per-layer name: ShapeDtypeStruct (with .sharding when placed)} of a model's nnx.Param leaves (a
-    slice of a stacked parameter has the shape and sharding of one slice)."""
-    values = {param_path(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    return {name: _as_struct(values[path], index) for name, (path, index) in per_layer_params(model).items()}
+    """Flat {path: ShapeDtypeStruct (with .sharding when placed)} of a model's nnx.Param leaves."""
+    state = nnx.state(model, nnx.Param)
+    flat = nnx.to_flat_state(state)
+    return {param_path(path): _as_struct(var) for path, var in flat}
 
 
-def _as_struct(value, index: int | None = None) -> jax.ShapeDtypeStruct:
-    sharding = getattr(value, "sharding", None)
-    if index is None:
-        return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
-    return jax.ShapeDtypeStruct(value.shape[1:], value.dtype, sharding=slice_sharding(sharding))
-
-
-def slice_sharding(sharding):
-    """The sharding of one slice on the leading axis of an array sharded by `sharding` (None: None)."""
-    if isinstance(sharding, jax.sharding.NamedSharding):
-        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*tuple(sharding.spec)[1:]))
-    return sharding
-
-
-def layer_members(model: nnx.Module) -> dict[str, tuple[list[str], bool]]:
-    """{parameter path: (its per-layer names, in slice order; whether it is stacked)}."""
-    slices: dict[str, list[tuple[int, str]]] = {}
-    for name, (path, index) in per_layer_params(model).items():
-        slices.setdefault(path, []).append((-1 if index is None else index, name))
-    return {path: ([name for _, name in sorted(items)], items[0][0] >= 0) for path, items in slices.items()}
+def _as_struct(var) -> jax.ShapeDtypeStruct:
+    value = var.get_value() if isinstance(var, nnx.Variable) else var
+    return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=getattr(value, "sharding", None))
 
 
 def checkpoint_shape(row: Row, target: jax.ShapeDtypeStruct) -> tuple[int, ...]:
@@ -142,21 +102,25 @@ def load_params(
     """A concrete copy of `abstract_model` (from nnx.eval_shape) with its params read via `key_map`.
 
     `ignore` names checkpoint keys that are known and deliberately unused (e.g. a tied lm_head).
-    Parameters take the dtype of the abstract model. `shardings` (by parameter path) places each array
-    as it is loaded (a stacked parameter once all its layers are read).
+    Parameters take the dtype of the abstract model. `shardings` (by param path) places each array
+    as it is loaded.
     """
     graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
     targets = abstract_params(abstract_model)
     rows = _by_path(targets, key_map)
-    members = layer_members(abstract_model)
-    flat = nnx.to_flat_state(params)
     loaded: dict[str, jax.Array] = {}
-    for path, var in progress.bar(flat, desc=desc, total=len(flat)):
-        path = param_path(path)
-        names, stacked = members[path]
-        slices = [_read(rows[name], targets[name], reader) for name in names]
-        value = np.stack(slices) if stacked else slices[0]
-        sharding = (shardings or {}).get(path) or getattr(var.get_value(), "sharding", None)
+    for path, target in progress.bar(targets.items(), desc=desc, total=len(targets)):
+        row = rows[path]
+        if row.key not in reader:
+            raise CheckpointError(f"tensor {row.key!r} (for parameter {path!r}, shape {tuple(target.shape)}) is "
+                                  "missing from the checkpoint")
+        expected, found = checkpoint_shape(row, target), reader.shape(row.key)
+        if found != expected:
+            raise CheckpointError(
+                f"tensor {row.key!r} has shape {found}, which does not fit parameter {path!r} of shape "
+                f"{tuple(target.shape)} (the checkpoint should hold {expected})")
+        value = np.asarray(row.load(reader.get(row.key))).astype(target.dtype)
+        sharding = (shardings or {}).get(path) or target.sharding
         loaded[path] = jax.device_put(value, sharding) if sharding is not None else jax.numpy.asarray(value)
 
     used = {rows[p].key for p in targets}
@@ -171,46 +135,21 @@ def load_params(
     return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
 
 
-def _read(row: Row, target: jax.ShapeDtypeStruct, reader: SafetensorsReader) -> np.ndarray:
-    """The tensor of `row`, shape-checked against `target` (one per-layer parameter), transformed and cast."""
-    if row.key not in reader:
-        raise CheckpointError(f"tensor {row.key!r} (for parameter {row.path!r}, shape {tuple(target.shape)}) is "
-                              "missing from the checkpoint")
-    expected, found = checkpoint_shape(row, target), reader.shape(row.key)
-    if found != expected:
-        raise CheckpointError(
-            f"tensor {row.key!r} has shape {found}, which does not fit parameter {row.path!r} of shape "
-            f"{tuple(target.shape)} (the checkpoint should hold {expected})")
-    return np.asarray(row.load(reader.get(row.key))).astype(target.dtype)
-
-
 def export_tensors(model: nnx.Module, key_map: KeyMap) -> dict[str, np.ndarray]:
     """{checkpoint key: array} of every parameter of `model` through the export transforms, in memory."""
     return _exporter(model, key_map)[1](None)
 
 
 def _exporter(model: nnx.Module, key_map: KeyMap):
-    """({per-layer name: byte size} in key map order, produce(names or None for all) -> {checkpoint key: array})."""
-    values = per_layer_values(model)
-    rows = _by_path(values, key_map)
-    order = [r.path for r in key_map if r.path in values]
-
-    def produce(names: list[str] | None) -> dict[str, np.ndarray]:
-        return {rows[n].key: np.ascontiguousarray(rows[n].export(np.asarray(values[n]())))
-                for n in (order if names is None else names)}
-
-    shapes = abstract_params(model)
-    return {n: int(np.prod(shapes[n].shape)) * shapes[n].dtype.itemsize for n in order}, produce
-
-
-def per_layer_values(model: nnx.Module) -> dict[str, Callable[[], jax.Array]]:
-    """{per-layer name: a function giving its array} (a stacked parameter's slice is cut when asked)."""
+    """({param path: byte size}, produce(paths or None for all) -> {checkpoint key: array})."""
     values = {param_path(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    rows = _by_path(values, key_map)
 
-    def getter(path: str, index: int | None):
-        return (lambda: values[path]) if index is None else (lambda: values[path][index])
+    def produce(paths: list[str] | None) -> dict[str, np.ndarray]:
+        return {rows[p].key: np.ascontiguousarray(rows[p].export(np.asarray(values[p])))
+                for p in (values if paths is None else paths)}
 
-    return {name: getter(path, index) for name, (path, index) in per_layer_params(model).items()}
+    return {p: v.size * v.dtype.itemsize for p, v in values.items()}, produce
 
 
 def export_params(model: nnx.Module, key_map: KeyMap, directory: str, *, prefix: str = "model",

@@ -1,0 +1,28 @@
+"""JAX's persistent compilation cache, as the command lines turn it on: a second process is served by it."""
+
+import os
+import subprocess
+import sys
+
+_CACHED_RUN = """
+import sys, jax, jax.numpy as jnp
+from theworld_jax.jit import enable_compilation_cache
+hits = []
+jax.monitoring.register_event_listener(lambda event, **kw: hits.append(event) if "cache_hits" in event else None)
+print("DIR", enable_compilation_cache(sys.argv[1]))
+jax.jit(lambda x: jnp.tanh(x) @ x.T)(jnp.ones((8, 8))).block_until_ready()
+print("HITS", len(hits))
+"""
+
+
+def test_persistent_compilation_cache_serves_a_second_process(tmp_path):
+    cache = str(tmp_path / "jit-cache")
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR",)}
+    runs = [subprocess.run([sys.executable, "-c", _CACHED_RUN, cache], capture_output=True, text=True, env=env,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+            for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-2000:]
+    assert f"DIR {cache}" in runs[0].stdout and os.listdir(cache)
+    hits = [int(run.stdout.split("HITS")[1]) for run in runs]
+    assert hits[0] == 0 and hits[1] >= 1, hits  # every program of the first process, the matmul's included
