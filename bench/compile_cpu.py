@@ -2,11 +2,11 @@
 (eval_shape) weights, bf16; each program traced, lowered and compiled by XLA:CPU, B=1 at 4,400 tokens.
 
 Programs: the text decoder forward (last logits), the fused TheWorld forward (full logits) and the
-projector-only training step (value_and_grad of the labelled-position loss + AdamW). It needs no GPU, so it
-compares the Python-loop decoder (run it inside a checkout of 272c5da) with the scanned one anywhere; XLA:GPU
-compiles differently (autotuning, cuDNN), so its seconds are a ratio, not the GPU's figures.
+projector-only training step (value_and_grad of the labelled-position loss + AdamW). It needs no GPU; it
+recorded the Python-loop decoder (this code) against the scanned one (main at 88a8900, taken out since:
+results/compile_gpu.md); XLA:GPU compiles differently (autotuning, cuDNN), so its seconds are a ratio.
 
-    python -m bench.compile_cpu --out bench/results/compile_cpu_scan
+    python -m bench.compile_cpu --out bench/results/compile_cpu_loop
 """
 
 from __future__ import annotations
