@@ -153,13 +153,18 @@ class TheWorld:
         model was read from (nor the current directory): the rules of theworld_jax.io_safety.
         """
         with atomic_directory(directory, overwrite=overwrite, sources=self.sources) as tmp:
-            self.config.to_json_file(os.path.join(tmp, "config.json"))
-            for name, raw in self._raw_configs.items():
-                with open(os.path.join(tmp, name), "w") as f:
-                    json.dump(raw, f, indent=2)
-            if self.processor is not None:
-                self.processor.save_pretrained(tmp)
+            self.save_configs(tmp)
             save_params(self.model, tmp)
+
+    def save_configs(self, directory: str) -> None:
+        """Write what save_pretrained writes beside the parameters into the existing `directory`:
+        config.json, the base models' configs and the processor files."""
+        self.config.to_json_file(os.path.join(directory, "config.json"))
+        for name, raw in self._raw_configs.items():
+            with open(os.path.join(directory, name), "w") as f:
+                json.dump(raw, f, indent=2)
+        if self.processor is not None:
+            self.processor.save_pretrained(directory)
 
     # ------------------------------------------------------------------ forward
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None,

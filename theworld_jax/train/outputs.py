@@ -57,12 +57,7 @@ def save_final_collectively(theworld, directory: str) -> None:
     tmp = os.path.join(os.path.dirname(directory), f".{os.path.basename(directory)}.tmp-collective")
     if jax.process_index() == 0:
         os.makedirs(tmp)
-        theworld.config.to_json_file(os.path.join(tmp, "config.json"))
-        for name, raw in theworld._raw_configs.items():
-            with open(os.path.join(tmp, name), "w") as f:
-                json.dump(raw, f, indent=2)
-        if theworld.processor is not None:
-            theworld.processor.save_pretrained(tmp)
+        theworld.save_configs(tmp)
     _barrier("final-start")
     save_params(theworld.model, tmp)
     _barrier("final-params")
