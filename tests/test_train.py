@@ -192,6 +192,27 @@ def test_init_starts_from_the_earlier_run(stage1, tmp_path):
         np.testing.assert_array_equal(params[key], one[key], err_msg=key)
 
 
+def test_collective_final_save_clears_what_a_killed_save_left(stage1, tmp_path):
+    """A run killed while writing final/ leaves its temporaries in output_dir; the next save removes them
+    and replaces the earlier final/ (each of them the run's own), nothing else."""
+    import jax.numpy as jnp
+
+    from theworld_jax import TheWorld
+    from theworld_jax.train import outputs
+
+    theworld = TheWorld.from_pretrained(str(stage1), dtype=jnp.float32)  # stage 1 trained in float32
+    for leftover in (".final.tmp-collective", ".final.tmp-collective-old", "final"):
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "stale").write_text("x")
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    outputs.save_final_collectively(theworld, str(tmp_path / "final"))
+    assert sorted(os.listdir(tmp_path)) == ["final", "metrics.jsonl"]
+    saved, original = _params(tmp_path / "final"), _params(stage1)
+    assert saved.keys() == original.keys()
+    for key in saved:
+        np.testing.assert_array_equal(saved[key], original[key], err_msg=key)
+
+
 def test_logits_at_labelled_positions_give_the_full_loss():
     """The step's loss (logits at the labelled positions only) equals the full-logits loss, and padding
     the rows further changes nothing."""

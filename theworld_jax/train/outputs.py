@@ -55,14 +55,16 @@ def save_final_collectively(theworld, directory: str) -> None:
 
     directory = os.path.abspath(directory)
     tmp = os.path.join(os.path.dirname(directory), f".{os.path.basename(directory)}.tmp-collective")
+    old = tmp + "-old"
     if jax.process_index() == 0:
+        for leftover in (tmp, old):  # of a run of ours killed while saving (they lie in our output_dir)
+            shutil.rmtree(leftover, ignore_errors=True)
         os.makedirs(tmp)
         theworld.save_configs(tmp)
     _barrier("final-start")
     save_params(theworld.model, tmp)
     _barrier("final-params")
     if jax.process_index() == 0:  # an earlier final/ of this run (ours) is replaced
-        old = tmp + "-old"
         if os.path.exists(directory):
             os.replace(directory, old)
         os.replace(tmp, directory)
