@@ -6,7 +6,7 @@ import pytest
 import torch
 from flax import nnx
 from tests.helpers.tiny_text_decoder import (WINDOW, build_hf, hf_logits, load_decoder, max_logit_error,
-                                             our_logits, save_language_model)
+                                             our_logits, positions_from_mask, save_language_model)
 from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
 
 from theworld_jax.attention import make_attention_mask
@@ -80,6 +80,25 @@ def test_bidirectional_blocks_match_transformers(hf_and_config, decoder, inputs)
     assert np.abs(ref - causal_ref)[valid].max() > 1e-2, "the blocks should change the reference logits"
     ours = our_logits(decoder, inputs["padded"], inputs["padded_mask"], inputs["tti"])
     assert max_logit_error(ours, ref, inputs["padded_mask"]) <= F32_TOL
+
+
+def test_kept_positions_match_transformers(hf_and_config, decoder, inputs):
+    """keep: the last layer's queries only at chosen positions (one inside row 0's long block, padding
+    and -1 = none among them) give transformers' logits there, and zero logits for -1."""
+    ids, mask, tti = inputs["padded"], inputs["padded_mask"], inputs["tti"]
+    ref = hf_logits(hf_and_config[0], ids, mask, tti)
+    keep = np.array([[PAD + 4, L - 1, -1], [0, 10, L - 1]], np.int32)
+    attention = make_attention_mask(jnp.asarray(mask, jnp.int32), jnp.asarray(tti, jnp.int32))
+    embeds = decoder.embed(jnp.asarray(ids, jnp.int32))
+    hidden, _ = decoder(embeds, positions=jnp.asarray(positions_from_mask(mask)), mask=attention,
+                        keep=jnp.asarray(keep))
+    ours = np.asarray(decoder.logits(hidden))
+    for row, cols in enumerate(keep):
+        for k, col in enumerate(cols):
+            if col < 0:
+                assert not ours[row, k].any()
+            else:
+                assert np.abs(ours[row, k] - ref[row, col]).max() <= F32_TOL * max(1.0, np.abs(ref[row, col]).max())
 
 
 def test_bfloat16_close_to_float32_transformers(hf_and_config, checkpoint_dir, inputs):

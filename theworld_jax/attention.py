@@ -69,6 +69,12 @@ class AttentionMask:
             allowed = allowed & (k > q - window)
         return allowed
 
+    def select_queries(self, rows: jax.Array) -> AttentionMask:
+        """The queries at rows (B, K) int (in [0, T)) against the same keys; no `Layout` (the fast path
+        is for a sequence attending to itself)."""
+        take = lambda a: jnp.take_along_axis(a, rows, axis=1)  # noqa: E731
+        return self.replace(q_index=take(self.q_index), q_block=take(self.q_block), layout=None)
+
 
 def block_ids(token_type_ids: jax.Array) -> jax.Array:
     """(B, L) int32 block ids: each maximal run of token_type_ids == 1 gets its own id (1, 2, ...), else 0."""

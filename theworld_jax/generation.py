@@ -34,10 +34,14 @@ from theworld_jax.sampling import SamplingConfig, choose
 
 @dataclasses.dataclass(frozen=True)
 class BucketPolicy:
-    """Padded lengths: next power of two >= max(length, minimum) up to `granule`, then multiples of it."""
+    """Padded lengths: next power of two >= max(length, minimum) up to `granule`, then multiples of it.
+
+    128 keeps a long prompt's padding under 3 % (4,400 tokens -> 4,480) on lengths the fast attention
+    path and the GPU's matrix tiles take whole; each new bucket is one more compilation (cached).
+    """
 
     minimum: int = 32
-    granule: int = 512
+    granule: int = 128
 
     def length(self, n: int) -> int:
         if n <= self.granule:
@@ -78,9 +82,11 @@ def _prefill(model: nnx.Module, batch: dict, key, temperature, top_p, eos, *, sa
     embeds, mask, types, positions = fused.embeds, fused.attention_mask, fused.token_type_ids, fused.positions
     b, length = mask.shape
     cache = KVCache.init(lm.config, b, length + capacity, dtype=lm.dtype)
-    hidden, cache = lm(embeds, positions=positions, mask=make_attention_mask(mask, types, layout=layout), cache=cache)
+    last = jnp.full((b, 1), length - 1, jnp.int32)
+    hidden, cache = lm(embeds, positions=positions, mask=make_attention_mask(mask, types, layout=layout), cache=cache,
+                       keep=last)
     key, sub = jax.random.split(key)
-    token = choose(lm.logits(hidden[:, -1:])[:, 0], sub, sampling, temperature, top_p)
+    token = choose(lm.logits(hidden)[:, 0], sub, sampling, temperature, top_p)
     token, done = _finish(token, jnp.zeros((b,), bool), eos, pad_token_id)
     tokens = jnp.full((b, capacity), pad_token_id, jnp.int32).at[:, 0].set(token)
     return DecodeState(cache=cache, tokens=tokens, last=token, position=positions[:, -1] + 1, done=done,

@@ -51,14 +51,6 @@ def keep_positions(logits_to_keep, batch: int, length: int) -> jax.Array | None:
     return positions.astype(jnp.int32)
 
 
-def take_positions(hidden: jax.Array, positions: jax.Array | None) -> jax.Array:
-    """hidden (B, L, D) at positions (B, K) -> (B, K, D); rows of position -1 are zero; None: all."""
-    if positions is None:
-        return hidden
-    picked = jnp.take_along_axis(hidden, jnp.maximum(positions, 0)[..., None], axis=1)
-    return jnp.where(positions[..., None] >= 0, picked, jnp.zeros((), hidden.dtype))
-
-
 class Gemma3Model(nnx.Module):
     """Gemma 3 with its vision tower and projector (both None for a text-only config)."""
 
@@ -154,8 +146,8 @@ class Gemma3Model(nnx.Module):
         keep = keep_positions(logits_to_keep, b, length)
         mask = make_attention_mask(attention_mask, token_type_ids, layout=layout)
         hidden, _ = self.language_model(embeds, positions=position_ids, mask=mask, remat=remat,
-                                        implementation=implementation)
-        return self.language_model.logits(take_positions(hidden, keep))
+                                        implementation=implementation, keep=keep)
+        return self.language_model.logits(hidden)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  pixel_values: jax.Array | None = None, token_type_ids: jax.Array | None = None,

@@ -13,7 +13,7 @@ from flax import nnx
 from theworld_jax.attention import AttentionMask, dot_product_attention
 from theworld_jax.config.gemma3 import Gemma3TextConfig, RopeConfig
 from theworld_jax.modeling.kv_cache import KVCache, LayerCache, cached_attention
-from theworld_jax.modeling.layers import Einsum, Embedding, GatedMLP, RMSNorm, apply_rope, rope_tables
+from theworld_jax.modeling.layers import Einsum, Embedding, GatedMLP, RMSNorm, apply_rope, rope_tables, take_rows
 from theworld_jax.sharding import HIDDEN, constrain
 
 # Rematerialisation of each decoder layer in the backward pass (name -> jax.checkpoint policy):
@@ -49,10 +49,15 @@ class Gemma3Attention(nnx.Module):
         self.scale = config.query_scale
 
     def __call__(self, x, rope: tuple[jax.Array, jax.Array], mask: AttentionMask, cache: LayerCache | None,
-                 prefilled: bool, implementation: str | None) -> tuple[jax.Array, LayerCache | None]:
-        """x (B,T,D), rope (cos, sin) (B,T,H) -> ((B,T,D), updated cache or None)."""
+                 prefilled: bool, implementation: str | None,
+                 keep: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
+        """x (B,T,D), rope (cos, sin) (B,T,H) -> ((B,T,D), updated cache or None). keep (B,K) int32 or
+        None: queries only at these positions (every token is still a key) -> (B,K,D)."""
         cos, sin = rope
-        q = apply_rope(self.q_norm(self.q_proj.matmul(x, 1)), cos, sin)  # BTD,DNH->BTNH
+        xq, cos_q, sin_q = (x, cos, sin) if keep is None else (take_rows(a, keep) for a in (x, cos, sin))
+        if keep is not None:
+            mask = mask.select_queries(keep)
+        q = apply_rope(self.q_norm(self.q_proj.matmul(xq, 1)), cos_q, sin_q)  # BTD,DNH->BTNH
         k = apply_rope(self.k_norm(self.k_proj.matmul(x, 1)), cos, sin)  # BSD,DKH->BSKH
         v = self.v_proj.matmul(x, 1)  # BSD,DKH->BSKH
         kw = dict(window=self.window, scale=self.scale, implementation=implementation)
@@ -75,8 +80,11 @@ class Gemma3DecoderLayer(nnx.Module):
         self.pre_feedforward_layernorm = RMSNorm(d, eps=eps, param_dtype=param_dtype)
         self.post_feedforward_layernorm = RMSNorm(d, eps=eps, param_dtype=param_dtype)
 
-    def __call__(self, x, rope, mask, cache, prefilled, implementation):
-        attn, cache = self.self_attn(self.input_layernorm(x), rope, mask, cache, prefilled, implementation)
+    def __call__(self, x, rope, mask, cache, prefilled, implementation, keep=None):
+        """keep (B,K) or None: the output only at these positions (B,K,D) (see Gemma3Attention)."""
+        attn, cache = self.self_attn(self.input_layernorm(x), rope, mask, cache, prefilled, implementation, keep)
+        if keep is not None:
+            x = take_rows(x, keep)
         x = x + self.post_attention_layernorm(attn)
         x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         return x, cache
@@ -110,41 +118,47 @@ class Gemma3TextDecoder(nnx.Module):
 
     def __call__(self, embeds: jax.Array, *, positions: jax.Array, mask: AttentionMask,
                  cache: KVCache | None = None, implementation: str | None = None,
-                 remat: str = "none") -> tuple[jax.Array, KVCache | None]:
+                 remat: str = "none", keep: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """embeds (B, L, D) (text tokens already scaled), positions (B, L) int RoPE positions, `mask` over
         these L tokens (and, without a cache, as keys too) -> (hidden (B, L, D) after the final norm,
         the cache with these tokens stored, or None). implementation: the attention kernel (None picks,
-        see theworld_jax.attention); remat: a name of REMAT_POLICIES."""
-        self._check_inputs(embeds, positions, mask, cache)
+        see theworld_jax.attention); remat: a name of REMAT_POLICIES; keep (B, K) int32 or None: the
+        hidden states wanted, at these positions ((B, K, D); -1 gives a zero row): the last layer then
+        computes its queries, MLP and residual only there (every earlier layer runs on all tokens)."""
+        self._check_inputs(embeds, positions, mask, cache, keep)
         prefilled = cache is not None and cache.prefilled
 
         policy = REMAT_POLICIES[check_remat(remat)]
 
-        def run_layer(layer, x, rope, mask, layer_cache):
+        def run_layer(layer, x, rope, mask, layer_cache, keep):
             if policy is None:
-                return layer(x, rope, mask, layer_cache, prefilled, implementation)
+                return layer(x, rope, mask, layer_cache, prefilled, implementation, keep)
             graphdef, state = nnx.split(layer)  # a pure function of the layer's state: safe under any transform
 
-            def pure(state, x, rope, mask, layer_cache):
-                return nnx.merge(graphdef, state)(x, rope, mask, layer_cache, prefilled, implementation)
+            def pure(state, x, rope, mask, layer_cache, keep):
+                return nnx.merge(graphdef, state)(x, rope, mask, layer_cache, prefilled, implementation, keep)
 
-            return jax.checkpoint(pure, policy=policy)(state, x, rope, mask, layer_cache)
+            return jax.checkpoint(pure, policy=policy)(state, x, rope, mask, layer_cache, keep)
         x = constrain(embeds.astype(self.dtype), HIDDEN)
+        rows = None if keep is None else jnp.maximum(keep, 0)
         ropes: dict[RopeConfig, tuple[jax.Array, jax.Array]] = {}
         new_layers = []
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             rope = self.config.rope_for(i)
             if rope not in ropes:
                 ropes[rope] = rope_tables(positions, rope, self.config.head_dim, self.dtype)
             layer_cache = None if cache is None else cache.layers[i]
-            x, layer_cache = run_layer(layer, x, ropes[rope], mask, layer_cache)
+            x, layer_cache = run_layer(layer, x, ropes[rope], mask, layer_cache, rows if i == last else None)
             x = constrain(x, HIDDEN)
             new_layers.append(layer_cache)
         hidden = self.norm(x)
+        if keep is not None:
+            hidden = jnp.where(keep[..., None] >= 0, hidden, jnp.zeros((), hidden.dtype))
         new_cache = None if cache is None else KVCache(layers=tuple(new_layers), prefilled=True)
         return hidden, new_cache
 
-    def _check_inputs(self, embeds, positions, mask: AttentionMask, cache: KVCache | None) -> None:
+    def _check_inputs(self, embeds, positions, mask: AttentionMask, cache: KVCache | None, keep) -> None:
         cfg = self.config
         if embeds.ndim != 3 or embeds.shape[-1] != cfg.hidden_size:
             raise ValueError(f"embeds must be (batch, length, {cfg.hidden_size}), got shape {embeds.shape}")
@@ -155,6 +169,8 @@ class Gemma3TextDecoder(nnx.Module):
             raise ValueError(f"positions has shape {positions.shape}, expected {(b, length)}")
         if mask.q_index.shape != (b, length) or mask.q_block.shape != (b, length):
             raise ValueError(f"the mask's queries have shape {mask.q_index.shape}, expected {(b, length)}")
+        if keep is not None and (keep.ndim != 2 or keep.shape[0] != b or not jnp.issubdtype(keep.dtype, jnp.integer)):
+            raise ValueError(f"keep must be (batch={b}, K) integer positions, got {keep.dtype} of shape {keep.shape}")
         if cache is None and mask.k_index.shape != (b, length):
             raise ValueError(f"without a KV cache the keys are the {length} input tokens, but the mask's keys "
                              f"have shape {mask.k_index.shape}")

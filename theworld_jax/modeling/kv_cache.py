@@ -98,9 +98,10 @@ class KVCache:
 def cached_attention(cache: LayerCache, prefilled: bool, q: jax.Array, k: jax.Array, v: jax.Array,
                      mask: AttentionMask, *, window: int | None, scale: float,
                      implementation: str | None = None) -> tuple[jax.Array, LayerCache]:
-    """Attention of T new tokens through one layer's cache. q (B,T,N,H), k/v (B,T,K,H), `mask` over
-    the new tokens only -> (out (B,T,N,H), the cache with the new tokens stored)."""
-    t = q.shape[1]
+    """Attention of T new tokens through one layer's cache. q (B,Q,N,H) (Q = T, or the queries `mask`
+    selects), k/v (B,T,K,H), `mask` over the new tokens only -> (out (B,Q,N,H), the cache with the new
+    tokens stored)."""
+    t = k.shape[1]
     if mask.k_index.shape != (q.shape[0], t):
         raise ValueError(f"with a KV cache the mask's keys must be the {t} new tokens, got k_index of shape "
                          f"{mask.k_index.shape}; build it with make_attention_mask or make_decode_mask")

@@ -55,13 +55,22 @@ class Einsum(nnx.Module):
         """x (..., *kernel.shape[:contract]) -> (..., *kernel.shape[contract:]) as one (M, K) @ (K, N).
 
         The contraction of the named einsum over the kernel's first `contract` axes, given to XLA as a
-        plain matrix product: with a kernel of rank 3 and one token (decoding at batch 1) XLA turned the
-        einsum into a multiply that wrote a weight-sized product to memory, then a reduction.
+        plain matrix product. A product with one row (decoding at batch 1) goes in as two copies of the
+        row: XLA:GPU rewrites a one-row product whose operands hold fewer than 10M values (q, k, v and o
+        here) into a multiply and a reduction, several passes over the weight and several kernels where
+        a matrix product reads it once; the barrier keeps it from slicing the row back out before the
+        product.
         """
         kernel = self.kernel[...].astype(self.dtype)
         k = int(np.prod(kernel.shape[:contract]))
         lead = x.shape[:x.ndim - contract]
-        y = jnp.einsum("MK,KN->MN", x.astype(self.dtype).reshape(-1, k), kernel.reshape(k, -1))
+        rows = x.astype(self.dtype).reshape(-1, k)
+        single = rows.shape[0] == 1
+        if single:
+            rows = jnp.concatenate([rows, rows])
+        y = jnp.einsum("MK,KN->MN", rows, kernel.reshape(k, -1))
+        if single:
+            y = jax.lax.optimization_barrier(y)[:1]
         return y.reshape(*lead, *kernel.shape[contract:])
 
 
@@ -83,6 +92,11 @@ class Embedding(nnx.Module):
         """x (B, L, D) -> x @ W^T (B, L, V), computed in `dtype`, returned in float32."""
         return jnp.einsum("BLD,VD->BLV", x.astype(self.dtype), self.embedding[...].astype(self.dtype),
                           preferred_element_type=jnp.float32)
+
+
+def take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+    """x (B, L, ...) at rows (B, K) int (in [0, L)) -> (B, K, ...)."""
+    return jnp.take_along_axis(x, rows.reshape(rows.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
