@@ -47,6 +47,79 @@ def timed(fn, wait=lambda out: out, repeats: int = 3, warmup: int = 0):
     return out, first, statistics.median(times), times
 
 
+KERNEL_KINDS = (("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "sm90_", "matmul")),
+                ("attention", ("flash", "fmha", "cudnn", "sdpa")),
+                ("copy", ("copy", "transpose", "memcpy", "memset", "dynamic_update_slice", "dynamic_slice")),
+                ("reduction", ("reduce", "reduction")))
+
+
+def kernel_kind(name: str) -> str:
+    """A coarse class of a GPU kernel name: gemm, attention, copy, reduction or elementwise."""
+    low = name.lower()
+    for kind, needles in KERNEL_KINDS:
+        if any(n in low for n in needles):
+            return kind
+    return "elementwise"
+
+
+def kernel_table(trace_dir: str) -> dict:
+    """Kernels of the GPU planes of a jax.profiler trace: per hlo_op and per kernel name total ns and count,
+    ns per kernel_kind, the busy span."""
+    import collections
+    import glob
+
+    from jax.profiler import ProfileData
+
+    paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    data = ProfileData.from_file(paths[0])
+    ops, names = collections.defaultdict(lambda: [0, 0]), collections.defaultdict(lambda: [0, 0])
+    kinds, lines, starts, ends = collections.defaultdict(lambda: [0, 0]), {}, [], []
+    kernels_ns = 0
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            events = list(line.events)
+            lines[f"{plane.name}/{line.name}"] = [len(events), int(sum(e.duration_ns for e in events))]
+            if not line.name.startswith("Stream"):
+                continue
+            for e in events:
+                stats = dict(e.stats)
+                op = stats.get("hlo_op") or e.name
+                for table, key in ((ops, op), (names, e.name), (kinds, kernel_kind(e.name))):
+                    table[key][0] += int(e.duration_ns)
+                    table[key][1] += 1
+                kernels_ns += int(e.duration_ns)
+                starts.append(e.start_ns)
+                ends.append(e.start_ns + e.duration_ns)
+    span = (max(ends) - min(starts)) if starts else 0
+    top = lambda table, n=None: dict(sorted(table.items(), key=lambda kv: -kv[1][0])[:n])  # noqa: E731
+    return dict(lines=lines, kernels_ns=kernels_ns, span_ns=int(span), kernel_count=sum(v[1] for v in ops.values()),
+                kinds=top(kinds), names=top(names, 60), ops=top(ops))
+
+
+def trace_call(fn, wait, name: str) -> None:
+    """With BENCH_TRACE=DIR set: one more call of fn under jax.profiler, its kernel table written to
+    DIR/kernels_<name>.json and summed per kind in the log. Without it: nothing."""
+    directory = os.environ.get("BENCH_TRACE")
+    if not directory:
+        return
+    import tempfile
+
+    import jax
+
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            wait(fn())
+        table = kernel_table(trace_dir)
+    with open(os.path.join(directory, f"kernels_{name}.json"), "w") as f:
+        json.dump(table, f, indent=1)
+    kinds = ", ".join(f"{k} {v[0] / 1e6:.1f} ms ({v[1]})" for k, v in table["kinds"].items())
+    log(f"trace {name}: kernels {table['kernels_ns'] / 1e6:.1f} ms in {table['kernel_count']}, span "
+        f"{table['span_ns'] / 1e6:.1f} ms; {kinds}")
+
+
 def hf_config(tiny: bool):
     import transformers
 

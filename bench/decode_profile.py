@@ -30,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench.common import hf_config, log  # noqa: E402
+from bench.common import hf_config, kernel_table, log  # noqa: E402
 from bench.generation_gpu import copy_bandwidth, random_model, tree_bytes  # noqa: E402
 
 from theworld_jax import generation, sampling  # noqa: E402
@@ -45,6 +45,7 @@ VARIANTS = {
               "xla_gpu_graph_min_graph_size": 1},
     "graph_body": {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL",
                    "xla_gpu_graph_min_graph_size": 1},  # graphs for the loop body's kernels, the loop on the host
+    "cublas": {"xla_gpu_enable_triton_gemm": False},  # every matrix product through cuBLAS, none through Triton
 }
 
 
@@ -90,36 +91,6 @@ def decode_program(graphdef, sampling_config, options: dict):
         return generation._decode(lm, state, limit, temperature, top_p, eos, sampling=sampling_config,
                                   pad_token_id=0)
     return jax.jit(run, donate_argnums=1, compiler_options=options or None)
-
-
-def kernel_table(trace_dir: str) -> dict:
-    """Kernels of the GPU planes of a trace: per hlo_op total ns and count; the busy span."""
-    from jax.profiler import ProfileData
-
-    paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-    data = ProfileData.from_file(paths[0])
-    ops, lines, starts, ends = collections.defaultdict(lambda: [0, 0]), {}, [], []
-    kernels_ns = 0
-    for plane in data.planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            events = list(line.events)
-            lines[f"{plane.name}/{line.name}"] = [len(events), int(sum(e.duration_ns for e in events))]
-            if not line.name.startswith("Stream"):
-                continue
-            for e in events:
-                stats = dict(e.stats)
-                op = stats.get("hlo_op") or e.name
-                ops[op][0] += int(e.duration_ns)
-                ops[op][1] += 1
-                kernels_ns += int(e.duration_ns)
-                starts.append(e.start_ns)
-                ends.append(e.start_ns + e.duration_ns)
-    span = (max(ends) - min(starts)) if starts else 0
-    top = sorted(ops.items(), key=lambda kv: -kv[1][0])
-    return dict(lines=lines, kernels_ns=kernels_ns, span_ns=int(span), kernel_count=sum(v[1] for v in ops.values()),
-                ops={k: v for k, v in top})
 
 
 def time_decode(args, graphdef, params, cfg, batch: int, variant: str, out_dir: str) -> dict:

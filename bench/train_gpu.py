@@ -133,6 +133,7 @@ def write_work(work: str, smoke: bool, rows: int) -> dict:
 def jax_worker(args) -> dict:
     import jax
 
+    from bench.common import trace_call
     from theworld_jax.train import loop
     from theworld_jax.train.config import load_config
 
@@ -162,14 +163,18 @@ def jax_worker(args) -> dict:
     stats = jax.local_devices()[0].memory_stats() or {}
     local, tokens = prepared[0]
     world = run.theworld.num_world_tokens(1)
-    return {"side": "jax", "batch": args.batch, "remat": args.remat, "setup_s": setup_s, "first_step_s": times[0],
-            "step_s": times[1:], "median_step_s": statistics.median(times[1:] or times), "losses": losses,
-            "fused_tokens_per_row": tokens / args.batch, "padded_length": run.sampler.step(0).length,
-            "world_tokens": world, "image_tokens": run.theworld.gemma_config.mm_tokens_per_image,
-            "keep": run.keep, "target_tokens_per_row": int(out["target_tokens"]) / args.batch,
-            "trained_parameters": sum(int(np.prod(v.shape)) for v in params.values()),
-            "compiles": run.train_step.compiles, "peak_memory_gib": stats.get("peak_bytes_in_use", 0) / 2 ** 30,
-            "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+    result = {"side": "jax", "batch": args.batch, "remat": args.remat, "setup_s": setup_s, "first_step_s": times[0],
+              "step_s": times[1:], "median_step_s": statistics.median(times[1:] or times), "losses": losses,
+              "fused_tokens_per_row": tokens / args.batch, "padded_length": run.sampler.step(0).length,
+              "world_tokens": world, "image_tokens": run.theworld.gemma_config.mm_tokens_per_image,
+              "keep": run.keep, "target_tokens_per_row": int(out["target_tokens"]) / args.batch,
+              "trained_parameters": sum(int(np.prod(v.shape)) for v in params.values()),
+              "compiles": run.train_step.compiles, "peak_memory_gib": stats.get("peak_bytes_in_use", 0) / 2 ** 30,
+              "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+    batch = loop.to_global(run.mesh, prepared[-1][0])
+    trace_call(lambda: run.train_step.step(params, opt_state, run.split.frozen, batch), jax.block_until_ready,
+               f"train_b{args.batch}_{args.remat}")
+    return result
 
 
 # ---------------------------------------------------------------- the PyTorch side (a worker process)
