@@ -45,17 +45,19 @@ class LayerCache:
         slots = self.slots
         stored = jnp.where(valid, index, -1).astype(jnp.int32)
         k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # (B,K,T,H), as stored
-        if index.shape[1] == 1:  # one token per row (decoding): its slot is always in range
-            def put(buffer, where, values):  # buffer (S,) or (K, S, H); values (1,) or (K, 1, H)
-                return jax.lax.dynamic_update_slice_in_dim(buffer, values.astype(buffer.dtype), where[0],
-                                                           axis=buffer.ndim - 1 - (buffer.ndim > 1))
-            slot = index % slots
-        else:
-            def put(buffer, where, values):  # buffer (S,) or (K, S, H); values (T,) or (K, T, H)
-                at = buffer.at[where] if buffer.ndim == 1 else buffer.at[:, where]
-                return at.set(values.astype(buffer.dtype), mode="drop")
-            newest = jnp.max(index, axis=1, keepdims=True)
-            slot = jnp.where(index > newest - slots, index % slots, slots)  # out of range: dropped
+        if index.shape[1] == 1:  # one token per row (decoding): its slot is always in range, which the
+            # scatter promises XLA (a clamped or dropping write made it add a guard of 3 kernels per array)
+            rows, slot = jnp.arange(index.shape[0]), index[:, 0] % slots
+            return LayerCache(
+                k=self.k.at[rows, :, slot].set(k[:, :, 0].astype(self.k.dtype), mode="promise_in_bounds"),
+                v=self.v.at[rows, :, slot].set(v[:, :, 0].astype(self.v.dtype), mode="promise_in_bounds"),
+                index=self.index.at[rows, slot].set(stored[:, 0], mode="promise_in_bounds"))
+
+        def put(buffer, where, values):  # buffer (S,) or (K, S, H); values (T,) or (K, T, H)
+            at = buffer.at[where] if buffer.ndim == 1 else buffer.at[:, where]
+            return at.set(values.astype(buffer.dtype), mode="drop")
+        newest = jnp.max(index, axis=1, keepdims=True)
+        slot = jnp.where(index > newest - slots, index % slots, slots)  # out of range: dropped
         return LayerCache(k=jax.vmap(put)(self.k, slot, k), v=jax.vmap(put)(self.v, slot, v),
                           index=jax.vmap(put)(self.index, slot, stored))
 
