@@ -189,13 +189,7 @@ def _xla_attention(q, k, v, mask: AttentionMask | None, *, window, scale):
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    if t == 1:  # a decode step: as float32 products summed over H, the same numbers as the einsum below,
-        # but XLA:GPU laid the one-query einsum's logits out keys-major, which made the softmax's reductions
-        # over the keys slow column reductions (11.5 us each at batch 1, 1024 keys)
-        products = q[:, 0, :, :, None, :].astype(jnp.float32) * jnp.swapaxes(k, 1, 2)[:, :, None].astype(jnp.float32)
-        logits = jnp.sum(products, axis=-1)[:, :, :, None, :] * scale  # (B,K,G,1,S)
-    else:
-        logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
+    logits = _query_key_logits(q, k) * scale
     if mask is not None:
         allowed = mask.allowed(window)[:, None, None]  # (B,1,1,T,S)
         logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
@@ -204,3 +198,16 @@ def _xla_attention(q, k, v, mask: AttentionMask | None, *, window, scale):
         probs = jnp.where(allowed, probs, 0.0)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+def _query_key_logits(q: jax.Array, k: jax.Array) -> jax.Array:
+    """q (B,T,K,G,H), k (B,S,K,H) -> q.k (B,K,G,T,S) float32.
+
+    One query (a decode step) goes as float32 products summed over H, the same numbers as the einsum,
+    because XLA:GPU laid the one-query einsum's logits out keys-major, which made the softmax's
+    reductions over the keys column reductions (11.5 us each at batch 1 over 1,024 keys).
+    """
+    if q.shape[1] == 1:
+        products = q[:, 0, :, :, None, :].astype(jnp.float32) * jnp.swapaxes(k, 1, 2)[:, :, None].astype(jnp.float32)
+        return jnp.sum(products, axis=-1)[:, :, :, None, :]
+    return jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
