@@ -47,8 +47,8 @@ def timed(fn, wait=lambda out: out, repeats: int = 3, warmup: int = 0):
     return out, first, statistics.median(times), times
 
 
-KERNEL_KINDS = (("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "sm90_", "matmul")),
-                ("attention", ("flash", "fmha", "cudnn", "sdpa")),
+KERNEL_KINDS = (("attention", ("flash", "fmha", "cudnn", "sdpa")),
+                ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "sm90_", "matmul")),
                 ("copy", ("copy", "transpose", "memcpy", "memset", "dynamic_update_slice", "dynamic_slice")),
                 ("reduction", ("reduce", "reduction")))
 
