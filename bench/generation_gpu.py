@@ -6,7 +6,7 @@ depend on the values, so the two sides need not share them. Same card, same run,
 
 - Prefill: a --prompt-len (default 4,400) token text prompt at batch 1 and 8: transformers
   `generate(max_new_tokens=1)` against theworld_jax `generation.start` (prefill + first token; the
-  prompt is left-padded to its bucket, 4,608). Plus, JAX only, the fused TheWorld prompt of the same
+  prompt is left-padded to its bucket, 4,480). Plus, JAX only, the fused TheWorld prompt of the same
   length: [BOS, <sow>, 4096 world, <eow>, text, BOI, 256 image, EOI, text], VAE (512x512) and SigLIP
   (896x896) run inside the prefill.
 - Decode: --new-tokens (128) greedy tokens, all of them forced (transformers: min_new_tokens; ours: no eos

@@ -6,7 +6,7 @@ sequence per row: [BOS, SOW, 4,096 world, EOW, 3 text, BOI, 256 image, EOI, 40 t
 Parts:
 - forward: fused forward B=1 with full logits, with the last logits only, with the 40 labelled
   positions only; prefill of a 4,400-token text prompt for generate (theworld_jax.generation, bucketed
-  to 4,608; transformers: one forward with logits_to_keep=1 and a cache), B=1;
+  to 4,480; transformers: one forward with logits_to_keep=1 and a cache), B=1;
 - train: projector-only training step (AdamW on the world projector, the rest frozen, loss on the 40
   answer tokens from their logits only: logits_to_keep) at B = 1, 2, 4 without remat and B = 8 with
   a named remat policy; the reference at B = 1, 2 (full logits) and B = 4 (logits_to_keep).
