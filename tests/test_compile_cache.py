@@ -26,3 +26,19 @@ def test_persistent_compilation_cache_serves_a_second_process(tmp_path):
     assert f"DIR {cache}" in runs[0].stdout and os.listdir(cache)
     hits = [int(run.stdout.split("HITS")[1]) for run in runs]
     assert hits[0] == 0 and hits[1] >= 1, hits  # every program of the first process, the matmul's included
+
+
+def test_an_unusable_cache_dir_is_a_warning_and_no_cache_flag_leaves_jax_alone(tmp_path, capsys):
+    import jax
+
+    from theworld_jax import cli
+
+    parser = cli.Parser(prog="x")
+    cli.add_compile_cache(parser)
+    before = jax.config.jax_compilation_cache_dir
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    cli.use_compile_cache(parser.parse_args(["--compile-cache", str(blocker / "cache")]))
+    assert "warning: no persistent compilation cache" in capsys.readouterr().err
+    cli.use_compile_cache(parser.parse_args(["--no-compile-cache"]))
+    assert jax.config.jax_compilation_cache_dir == before
