@@ -144,7 +144,7 @@ class Decoding:
         before = self.produced
         if not self.finished:
             target = self.max_new_tokens if steps is None else min(self.max_new_tokens, before + max(1, steps))
-            self._state = self._decode(self._state, jnp.int32(target), *self._dynamic, **self._static)
+            self._state = self._decode(self._state, np.int32(target), *self._dynamic, **self._static)
             self.produced = int(self._state.step)
             self.finished = self.produced >= self.max_new_tokens or bool(np.all(np.asarray(self._state.done)))
         return self.new_tokens()[:, before:]
@@ -190,8 +190,8 @@ def start(model: nnx.Module, batch: Batch, *, max_new_tokens: int = 32, do_sampl
     padded = dict(input_ids=_left_pad(ids, length, pad), attention_mask=_left_pad(mask, length, 0),
                   token_type_ids=_left_pad(batch.token_type_ids, length, 0), pixel_values=batch.pixel_values,
                   video=batch.video)
-    dynamic = (jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p),
-               jnp.asarray(eos + [-1] * (EOS_SLOTS - len(eos)), jnp.int32))
+    dynamic = (np.float32(temperature), np.float32(1.0 if top_p is None else top_p),
+               np.asarray(eos + [-1] * (EOS_SLOTS - len(eos)), np.int32))  # host values: no device call each
     static = dict(sampling=sampling, pad_token_id=pad)
     world_attention = getattr(model.config, "world_attention", "causal")
     extra = (world_tokens,) if world_tokens and world_attention == "bidirectional" else ()
