@@ -143,8 +143,9 @@ def random_like(build, seed: int = 0) -> nnx.Module:
 
     Zero-centred norm weights (Gemma's (1 + w) RMSNorms) get 0.1 N(0, 1), norm scales and gammas
     1 + 0.1 N(0, 1), biases and position embeddings 0.02 N(0, 1), every other array N(0, 1) / sqrt(fan in)
-    with fan in = all axes but the last (so the tied embedding stays small). An array of more than 2**20 values tiles a window of one shared block of 2**24 draws, so a
-    4B-parameter model is drawn in seconds (benchmarks); values are cast on the host.
+    with fan in = all axes but the last (so the tied embedding stays small). An array of more than 2**20
+    values tiles a window of one shared block of 2**24 draws, so a 4B-parameter model is drawn in seconds
+    (benchmarks); values are cast on the host.
     """
     abstract = nnx.eval_shape(build)
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
