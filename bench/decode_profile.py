@@ -74,13 +74,14 @@ def synthetic_state(cfg, batch: int, length: int, pad: int, capacity: int, seed:
     values, one small draw program per cache shape (one program for the whole state took minutes to compile)."""
     empty = jax.eval_shape(lambda: KVCache.init(cfg, batch, length + capacity, dtype=jnp.bfloat16))
     key = jax.random.key(seed)
-    layers = []
-    for i, layer in enumerate(empty.layers):
+    keys, values = [], []
+    for i, k in enumerate(empty.keys):
         k1, k2 = jax.random.split(jax.random.fold_in(key, i))
-        index = np.broadcast_to(ring_indices(layer.index.shape[1], length, pad), layer.index.shape)
-        layers.append(type(layer)(k=_draw(k1, layer.k.shape), v=_draw(k2, layer.v.shape),
-                                  index=jnp.asarray(np.ascontiguousarray(index))))
-    cache = KVCache(layers=tuple(layers), prefilled=True)
+        keys.append(_draw(k1, k.shape))
+        values.append(_draw(k2, k.shape))
+    index = tuple(jnp.asarray(np.ascontiguousarray(np.broadcast_to(ring_indices(i.shape[1], length, pad), i.shape)))
+                  for i in empty.index)
+    cache = KVCache(keys=tuple(keys), values=tuple(values), index=index, prefilled=True)
     last = np.random.default_rng(seed).integers(3, 1000, batch).astype(np.int32)
     tokens = np.zeros((batch, capacity), np.int32)
     tokens[:, 0] = last

@@ -1,5 +1,6 @@
 """KV cache: incremental decoding through the sliding-window ring buffers equals one full forward."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -32,14 +33,16 @@ def _prefill(model, ids, attention_mask, positions, cache):
     return model.logits(hidden), cache
 
 
-@nnx.jit
-def _step(model, ids, index, positions, cache):
-    hidden, cache = model(model.embed(ids), positions=positions, mask=make_decode_mask(index), cache=cache)
+@nnx.jit(static_argnames="aligned")
+def _step(model, ids, index, positions, cache, aligned=False):
+    mask = make_decode_mask(index[0], batch=index.shape[0]) if aligned else make_decode_mask(index)
+    hidden, cache = model(model.embed(ids), positions=positions, mask=mask, cache=cache)
     return model.logits(hidden), cache
 
 
-def _run(setup, chunks: list[int]) -> np.ndarray:
-    """Prefill PROMPT tokens, then feed the rest in chunks of the given sizes; logits (2, TOTAL, V)."""
+def _run(setup, chunks: list[int], aligned: bool = False) -> np.ndarray:
+    """Prefill PROMPT tokens, then feed the rest in chunks of the given sizes (aligned: the decode masks
+    say every row shares its indices); logits (2, TOTAL, V)."""
     ids, mask = setup["ids"], setup["mask"]
     positions = positions_from_mask(mask)
     cache = KVCache.init(setup["config"], batch=2, max_length=TOTAL, dtype=jnp.float32)
@@ -50,7 +53,7 @@ def _run(setup, chunks: list[int]) -> np.ndarray:
     for size in chunks:
         index = np.broadcast_to(np.arange(start, start + size, dtype=np.int32), (2, size))
         logits, cache = _step(setup["decoder"], jnp.asarray(ids[:, start:start + size]), jnp.asarray(index),
-                              jnp.asarray(positions[:, start:start + size]), cache)
+                              jnp.asarray(positions[:, start:start + size]), cache, aligned=aligned)
         out.append(np.asarray(logits))
         start += size
     assert start == TOTAL
@@ -60,6 +63,26 @@ def _run(setup, chunks: list[int]) -> np.ndarray:
 def test_one_token_steps_match_full_forward(setup):
     logits = _run(setup, [1] * (TOTAL - PROMPT))
     assert max_logit_error(logits, setup["ref"], setup["mask"]) <= F32_TOL
+
+
+def test_aligned_one_token_steps_match_full_forward(setup):
+    """Rows sharing their indices: each new token is written at one offset (no scatter)."""
+    logits = _run(setup, [1] * (TOTAL - PROMPT), aligned=True)
+    assert max_logit_error(logits, setup["ref"], setup["mask"]) <= F32_TOL
+
+
+def test_aligned_write_equals_per_row_write():
+    """One token per row at the same index, written at one offset or per row, fills the same slots."""
+    rng = np.random.default_rng(0)
+    layer = LayerCache(k=jnp.asarray(rng.normal(size=(3, 2, 8, 4)), jnp.float32),
+                       v=jnp.asarray(rng.normal(size=(3, 2, 8, 4)), jnp.float32),
+                       index=jnp.asarray(rng.integers(-1, 9, (3, 8)), jnp.int32))
+    k, v = (jnp.asarray(rng.normal(size=(3, 1, 2, 4)), jnp.float32) for _ in range(2))
+    index, valid = jnp.full((3, 1), 13, jnp.int32), jnp.asarray([[True], [False], [True]])
+    per_row, aligned = layer.write(k, v, index, valid), layer.write(k, v, index, valid, aligned=True)
+    for a, b in zip(jax.tree.leaves(per_row), jax.tree.leaves(aligned)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(aligned.index[:, 13 % 8]), [13, -1, 13])
 
 
 def test_chunked_steps_match_full_forward(setup):
@@ -72,6 +95,7 @@ def test_cache_sizes_follow_layer_types(setup):
     cache = KVCache.init(config, batch=2, max_length=TOTAL)
     expected = tuple(TOTAL if config.window(i) is None else WINDOW for i in range(config.num_hidden_layers))
     assert cache.slot_counts() == expected and not cache.prefilled
+    assert [i.shape for i in cache.index] == [(2, n) for n in dict.fromkeys(expected)]  # one per slot count
     assert KVCache.init(config, batch=1, max_length=5).slot_counts() == (5,) * config.num_hidden_layers
 
 

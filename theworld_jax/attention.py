@@ -57,6 +57,7 @@ class AttentionMask:
     q_block: jax.Array  # (B, T) int32: bidirectional block id of each query, 0 = none
     k_block: jax.Array  # (B, S) int32: bidirectional block id of each key, 0 = none
     layout: Layout | None = struct.field(pytree_node=False, default=None)  # None: the XLA path only
+    aligned: bool = struct.field(pytree_node=False, default=False)  # every row's new tokens have row 0's indices
 
     def allowed(self, window: int | None) -> jax.Array:
         """(B, T, S) bool: may query t attend to key s."""
@@ -137,17 +138,22 @@ def make_attention_mask(attention_mask: jax.Array, token_type_ids: jax.Array | N
                          q_block=blocks, k_block=blocks, layout=layout)
 
 
-def make_decode_mask(index: jax.Array, valid: jax.Array | None = None) -> AttentionMask:
+def make_decode_mask(index: jax.Array, valid: jax.Array | None = None, *, batch: int | None = None) -> AttentionMask:
     """Mask of T new tokens (no blocks) at sequence indices `index` (B, T); `valid` (B, T) bool or all-true.
+    With `batch`, `index` is (T,): the same indices for every row (left-padded prompts), which lets a KV
+    cache store one new token per row at one offset.
 
     Its k fields describe the same new tokens; a KV cache adds the keys it holds (see kv_cache.py).
     """
     index = jnp.asarray(index, jnp.int32)
-    if index.ndim != 2:
-        raise ValueError(f"index must be (batch, new tokens), got shape {index.shape}")
+    if index.ndim != (2 if batch is None else 1):
+        raise ValueError(f"index must be (batch, new tokens), or (new tokens,) with batch=, got shape {index.shape}")
+    if batch is not None:
+        index = jnp.broadcast_to(index, (batch, index.shape[0]))
     valid = jnp.ones(index.shape, bool) if valid is None else jnp.asarray(valid, bool)
     blocks = jnp.zeros(index.shape, jnp.int32)
-    return AttentionMask(q_index=index, k_index=index, k_valid=valid, q_block=blocks, k_block=blocks)
+    return AttentionMask(q_index=index, k_index=index, k_valid=valid, q_block=blocks, k_block=blocks,
+                         aligned=batch is not None)
 
 
 def cudnn_supports(q: jax.Array) -> bool:

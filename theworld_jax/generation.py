@@ -104,7 +104,7 @@ def _decode(lm: nnx.Module, state: DecodeState, limit, temperature, top_p, eos, 
 
     def step(s: DecodeState) -> DecodeState:
         b = s.last.shape[0]
-        mask = make_decode_mask(jnp.full((b, 1), s.index, jnp.int32))
+        mask = make_decode_mask(s.index[None], batch=b)
         hidden, cache = lm(lm.embed(s.last[:, None]), positions=s.position[:, None], mask=mask, cache=s.cache)
         key, sub = jax.random.split(s.key)
         token = choose(lm.logits(hidden)[:, 0], sub, sampling, temperature, top_p)

@@ -148,14 +148,14 @@ class Gemma3TextDecoder(nnx.Module):
             rope = self.config.rope_for(i)
             if rope not in ropes:
                 ropes[rope] = rope_tables(positions, rope, self.config.head_dim, self.dtype)
-            layer_cache = None if cache is None else cache.layers[i]
+            layer_cache = None if cache is None else cache.layer(i)
             x, layer_cache = run_layer(layer, x, ropes[rope], mask, layer_cache, rows if i == last else None)
             x = constrain(x, HIDDEN)
             new_layers.append(layer_cache)
         hidden = self.norm(x)
         if keep is not None:
             hidden = jnp.where(keep[..., None] >= 0, hidden, jnp.zeros((), hidden.dtype))
-        new_cache = None if cache is None else KVCache(layers=tuple(new_layers), prefilled=True)
+        new_cache = None if cache is None else cache.updated(new_layers)
         return hidden, new_cache
 
     def _check_inputs(self, embeds, positions, mask: AttentionMask, cache: KVCache | None, keep) -> None:
@@ -175,10 +175,10 @@ class Gemma3TextDecoder(nnx.Module):
             raise ValueError(f"without a KV cache the keys are the {length} input tokens, but the mask's keys "
                              f"have shape {mask.k_index.shape}")
         if cache is not None:
-            if len(cache.layers) != cfg.num_hidden_layers:
-                raise ValueError(f"the KV cache has {len(cache.layers)} layers, the model {cfg.num_hidden_layers}")
-            if cache.layers[0].index.shape[0] != b:
-                raise ValueError(f"the KV cache is for batch {cache.layers[0].index.shape[0]}, the input has {b}")
+            if len(cache.keys) != cfg.num_hidden_layers:
+                raise ValueError(f"the KV cache has {len(cache.keys)} layers, the model {cfg.num_hidden_layers}")
+            if cache.batch != b:
+                raise ValueError(f"the KV cache is for batch {cache.batch}, the input has {b}")
             max_length = max(cache.slot_counts())
             if length > max_length:
                 raise ValueError(f"{length} new tokens do not fit a KV cache of max_length {max_length}")

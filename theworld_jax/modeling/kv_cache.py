@@ -2,10 +2,11 @@
 
 Each layer keeps k, v (B, K, S_l, H) (after k_norm and RoPE; heads before slots, so that decode
 attention reads each head's keys as one contiguous (S_l, H) matrix with no transposed copy of the
-cache) and `index` (B, S_l) int32: the sequence
-index of the token in each slot, or -1 for an empty slot or a padding token (so `index >= 0` is the
-key's validity). Full layers have S_l = max_length slots; sliding layers S_l = min(window, max_length),
-used as a ring: the token with index i lives in slot i % S_l. Indices must stay below max_length.
+cache). Full layers have S_l = max_length slots; sliding layers S_l = min(window, max_length), used as a
+ring: the token with index i lives in slot i % S_l. Indices must stay below max_length. Layers with the
+same S_l hold the same tokens in the same slots, so they share one `index` (B, S_l) int32: the sequence
+index of the token in each slot, or -1 for an empty slot or a padding token (`index >= 0` is the key's
+validity). Each layer computes the same update of its shared index, which XLA merges into one.
 
 Every call hands the decoder an `AttentionMask` describing only the T new tokens (q fields and k
 fields alike, e.g. from `make_attention_mask` for a prompt or `make_decode_mask` for new tokens);
@@ -18,6 +19,8 @@ Bidirectional blocks act among the new tokens of one call; cached keys carry no 
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,12 +42,21 @@ class LayerCache:
     def slots(self) -> int:
         return self.index.shape[1]
 
-    def write(self, k: jax.Array, v: jax.Array, index: jax.Array, valid: jax.Array) -> LayerCache:
+    def write(self, k: jax.Array, v: jax.Array, index: jax.Array, valid: jax.Array,
+              aligned: bool = False) -> LayerCache:
         """Store T tokens (k, v (B,T,K,H), index/valid (B,T)) at slots index % S; when T > S, only the
-        last S indices of each row are kept. Invalid tokens are stored with index -1."""
+        last S indices of each row are kept. Invalid tokens are stored with index -1. aligned: every row's
+        tokens have row 0's indices (then one token is written at one offset for all rows)."""
         slots = self.slots
         stored = jnp.where(valid, index, -1).astype(jnp.int32)
         k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # (B,K,T,H), as stored
+        if index.shape[1] == 1 and (aligned or index.shape[0] == 1):
+            # one slot for every row: in-place updates that fuse with what computes k and v (a scatter
+            # becomes an update guarded by an in-bounds select, two kernels per array)
+            slot = index[0, 0] % slots
+            return LayerCache(k=jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), (0, 0, slot, 0)),
+                              v=jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), (0, 0, slot, 0)),
+                              index=jax.lax.dynamic_update_slice(self.index, stored, (0, slot)))
         if index.shape[1] == 1:  # one token per row (decoding): its slot is always in range, which the
             # scatter promises XLA (a clamped or dropping write made it add a guard of 3 kernels per array)
             rows, slot = jnp.arange(index.shape[0]), index[:, 0] % slots
@@ -74,9 +86,12 @@ class LayerCache:
 
 @struct.dataclass
 class KVCache:
-    """Per-layer caches; `prefilled` (static) is False until the first call has stored tokens."""
+    """Per-layer keys and values, one slot index per slot count; `prefilled` (static) is False until the
+    first call has stored tokens. keys/values[l] (B, K, S_l, H); index[j] (B, S) for the j-th distinct S."""
 
-    layers: tuple[LayerCache, ...]
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    index: tuple[jax.Array, ...]
     prefilled: bool = struct.field(pytree_node=False, default=False)
 
     @classmethod
@@ -84,17 +99,36 @@ class KVCache:
         """An empty cache for sequences of up to `max_length` tokens (prompt included)."""
         if batch < 1 or max_length < 1:
             raise ValueError(f"a KV cache needs batch >= 1 and max_length >= 1, got {batch} and {max_length}")
-        layers = []
-        for i in range(config.num_hidden_layers):
-            window = config.window(i)
-            slots = max_length if window is None else min(window, max_length)
-            shape = (batch, config.num_key_value_heads, slots, config.head_dim)
-            layers.append(LayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                                     index=jnp.full((batch, slots), -1, jnp.int32)))
-        return cls(layers=tuple(layers), prefilled=False)
+        slot_counts = [max_length if config.window(i) is None else min(config.window(i), max_length)
+                       for i in range(config.num_hidden_layers)]
+        shapes = [(batch, config.num_key_value_heads, slots, config.head_dim) for slots in slot_counts]
+        return cls(keys=tuple(jnp.zeros(shape, dtype) for shape in shapes),
+                   values=tuple(jnp.zeros(shape, dtype) for shape in shapes),
+                   index=tuple(jnp.full((batch, slots), -1, jnp.int32) for slots in dict.fromkeys(slot_counts)),
+                   prefilled=False)
+
+    @property
+    def batch(self) -> int:
+        return self.index[0].shape[0]
 
     def slot_counts(self) -> tuple[int, ...]:
-        return tuple(layer.slots for layer in self.layers)
+        return tuple(k.shape[2] for k in self.keys)
+
+    def _shared(self, slots: int) -> int:
+        return next(j for j, index in enumerate(self.index) if index.shape[1] == slots)
+
+    def layer(self, i: int) -> LayerCache:
+        """Layer i's keys and values with the index of its slot count."""
+        return LayerCache(k=self.keys[i], v=self.values[i], index=self.index[self._shared(self.keys[i].shape[2])])
+
+    def updated(self, layers: Sequence[LayerCache]) -> KVCache:
+        """The cache holding every layer's written keys and values (`layers`, one per layer), prefilled.
+        The layers of one slot count wrote the same index; the first one's is kept."""
+        index = list(self.index)
+        for layer in reversed(layers):
+            index[self._shared(layer.slots)] = layer.index
+        return KVCache(keys=tuple(layer.k for layer in layers), values=tuple(layer.v for layer in layers),
+                       index=tuple(index), prefilled=True)
 
 
 def cached_attention(cache: LayerCache, prefilled: bool, q: jax.Array, k: jax.Array, v: jax.Array,
@@ -112,7 +146,7 @@ def cached_attention(cache: LayerCache, prefilled: bool, q: jax.Array, k: jax.Ar
         out = dot_product_attention(q, k, v, mask, **kw)
         return out, cache.write(k, v, mask.k_index, mask.k_valid)
     if t == 1:
-        cache = cache.write(k, v, mask.k_index, mask.k_valid)
+        cache = cache.write(k, v, mask.k_index, mask.k_valid, aligned=mask.aligned)
         return dot_product_attention(q, *cache.keys(), cache.key_mask(mask), **kw), cache
     held = cache.key_mask(mask)
     joint = AttentionMask(
