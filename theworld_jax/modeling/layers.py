@@ -59,7 +59,8 @@ class Einsum(nnx.Module):
         row: XLA:GPU rewrites a one-row product whose operands hold fewer than 10M values (q, k, v and o
         here) into a multiply and a reduction, several passes over the weight and several kernels where
         a matrix product reads it once; the barrier keeps it from slicing the row back out before the
-        product.
+        product. The two rows are a broadcast, which the GEMM fusion reads in place (a concatenation
+        was one more kernel per product).
         """
         kernel = self.kernel[...].astype(self.dtype)
         k = int(np.prod(kernel.shape[:contract]))
@@ -67,7 +68,7 @@ class Einsum(nnx.Module):
         rows = x.astype(self.dtype).reshape(-1, k)
         single = rows.shape[0] == 1
         if single:
-            rows = jnp.concatenate([rows, rows])
+            rows = jnp.broadcast_to(rows, (2, k))
         y = jnp.einsum("MK,KN->MN", rows, kernel.reshape(k, -1))
         if single:
             y = jax.lax.optimization_barrier(y)[:1]
