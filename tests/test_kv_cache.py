@@ -40,18 +40,18 @@ def _step(model, ids, index, positions, cache, aligned=False):
     return model.logits(hidden), cache
 
 
-def _run(setup, chunks: list[int], aligned: bool = False) -> np.ndarray:
-    """Prefill PROMPT tokens, then feed the rest in chunks of the given sizes (aligned: the decode masks
-    say every row shares its indices); logits (2, TOTAL, V)."""
-    ids, mask = setup["ids"], setup["mask"]
+def _run(setup, chunks: list[int], aligned: bool = False, rows: slice = slice(None)) -> np.ndarray:
+    """Prefill PROMPT tokens of `rows`, then feed the rest in chunks of the given sizes (aligned: the decode
+    masks say every row shares its indices); logits (rows, TOTAL, V)."""
+    ids, mask = setup["ids"][rows], setup["mask"][rows]
     positions = positions_from_mask(mask)
-    cache = KVCache.init(setup["config"], batch=2, max_length=TOTAL, dtype=jnp.float32)
+    cache = KVCache.init(setup["config"], batch=len(ids), max_length=TOTAL, dtype=jnp.float32)
     logits, cache = _prefill(setup["decoder"], jnp.asarray(ids[:, :PROMPT]), jnp.asarray(mask[:, :PROMPT]),
                              jnp.asarray(positions[:, :PROMPT]), cache)
     out = [np.asarray(logits)]
     start = PROMPT
     for size in chunks:
-        index = np.broadcast_to(np.arange(start, start + size, dtype=np.int32), (2, size))
+        index = np.broadcast_to(np.arange(start, start + size, dtype=np.int32), (len(ids), size))
         logits, cache = _step(setup["decoder"], jnp.asarray(ids[:, start:start + size]), jnp.asarray(index),
                               jnp.asarray(positions[:, start:start + size]), cache, aligned=aligned)
         out.append(np.asarray(logits))
@@ -69,6 +69,12 @@ def test_aligned_one_token_steps_match_full_forward(setup):
     """Rows sharing their indices: each new token is written at one offset (no scatter)."""
     logits = _run(setup, [1] * (TOTAL - PROMPT), aligned=True)
     assert max_logit_error(logits, setup["ref"], setup["mask"]) <= F32_TOL
+
+
+def test_batch_one_steps_match_full_forward(setup):
+    """One token at batch 1 goes through the layers as two copies of itself (Gemma3TextDecoder)."""
+    logits = _run(setup, [1] * (TOTAL - PROMPT), rows=slice(1, 2))
+    assert max_logit_error(logits, setup["ref"][1:], setup["mask"][1:]) <= F32_TOL
 
 
 def test_aligned_write_equals_per_row_write():

@@ -49,10 +49,11 @@ class Gemma3Attention(nnx.Module):
         self.scale = config.query_scale
 
     def __call__(self, x, rope: tuple[jax.Array, jax.Array], mask: AttentionMask, cache: LayerCache | None,
-                 prefilled: bool, implementation: str | None,
-                 keep: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
+                 prefilled: bool, implementation: str | None, keep: jax.Array | None = None,
+                 twin: bool = False) -> tuple[jax.Array, LayerCache | None]:
         """x (B,T,D), rope (cos, sin) (B,T,H) -> ((B,T,D), updated cache or None). keep (B,K) int32 or
-        None: queries only at these positions (every token is still a key) -> (B,K,D)."""
+        None: queries only at these positions (every token is still a key) -> (B,K,D). twin: x and rope
+        are (1,2,...), two copies of the mask's one token (see Gemma3TextDecoder)."""
         cos, sin = rope
         xq, cos_q, sin_q = (x, cos, sin) if keep is None else (take_rows(a, keep) for a in (x, cos, sin))
         if keep is not None:
@@ -60,11 +61,15 @@ class Gemma3Attention(nnx.Module):
         q = apply_rope(self.q_norm(self.q_proj.matmul(xq, 1)), cos_q, sin_q)  # BTD,DNH->BTNH
         k = apply_rope(self.k_norm(self.k_proj.matmul(x, 1)), cos, sin)  # BSD,DKH->BSKH
         v = self.v_proj.matmul(x, 1)  # BSD,DKH->BSKH
+        if twin:  # the token attends once; both copies get its output
+            q, k, v = q[:, :1], k[:, :1], v[:, :1]
         kw = dict(window=self.window, scale=self.scale, implementation=implementation)
         if cache is None:
             out = dot_product_attention(q, k, v, mask, **kw)
         else:
             out, cache = cached_attention(cache, prefilled, q, k, v, mask, **kw)
+        if twin:
+            out = jnp.broadcast_to(out, (1, 2) + out.shape[2:])
         return self.o_proj.matmul(out, 2), cache  # BTNH,NHD->BTD
 
 
@@ -80,9 +85,10 @@ class Gemma3DecoderLayer(nnx.Module):
         self.pre_feedforward_layernorm = RMSNorm(d, eps=eps, param_dtype=param_dtype)
         self.post_feedforward_layernorm = RMSNorm(d, eps=eps, param_dtype=param_dtype)
 
-    def __call__(self, x, rope, mask, cache, prefilled, implementation, keep=None):
-        """keep (B,K) or None: the output only at these positions (B,K,D) (see Gemma3Attention)."""
-        attn, cache = self.self_attn(self.input_layernorm(x), rope, mask, cache, prefilled, implementation, keep)
+    def __call__(self, x, rope, mask, cache, prefilled, implementation, keep=None, twin=False):
+        """keep (B,K) or None: the output only at these positions (B,K,D); twin: see Gemma3Attention."""
+        attn, cache = self.self_attn(self.input_layernorm(x), rope, mask, cache, prefilled, implementation, keep,
+                                     twin)
         if keep is not None:
             x = take_rows(x, keep)
         x = x + self.post_attention_layernorm(attn)
@@ -124,22 +130,31 @@ class Gemma3TextDecoder(nnx.Module):
         the cache with these tokens stored, or None). implementation: the attention kernel (None picks,
         see theworld_jax.attention); remat: a name of REMAT_POLICIES; keep (B, K) int32 or None: the
         hidden states wanted, at these positions ((B, K, D); -1 gives a zero row): the last layer then
-        computes its queries, MLP and residual only there (every earlier layer runs on all tokens)."""
+        computes its queries, MLP and residual only there (every earlier layer runs on all tokens).
+
+        One token (a decode step at batch 1) runs as two copies of itself, which XLA cannot tell apart
+        (an optimization barrier): its norms and residuals then have rows, which XLA:GPU fuses with
+        their neighbours, where one row gave a reduction to a scalar and a separate kernel for each
+        (the H200's decode step: 873 -> 572 kernels). The token attends once (`twin`)."""
         self._check_inputs(embeds, positions, mask, cache, keep)
         prefilled = cache is not None and cache.prefilled
+        twin = embeds.shape[0] * embeds.shape[1] == 1 and keep is None
 
         policy = REMAT_POLICIES[check_remat(remat)]
 
         def run_layer(layer, x, rope, mask, layer_cache, keep):
             if policy is None:
-                return layer(x, rope, mask, layer_cache, prefilled, implementation, keep)
+                return layer(x, rope, mask, layer_cache, prefilled, implementation, keep, twin)
             graphdef, state = nnx.split(layer)  # a pure function of the layer's state: safe under any transform
 
             def pure(state, x, rope, mask, layer_cache, keep):
-                return nnx.merge(graphdef, state)(x, rope, mask, layer_cache, prefilled, implementation, keep)
+                return nnx.merge(graphdef, state)(x, rope, mask, layer_cache, prefilled, implementation, keep, twin)
 
             return jax.checkpoint(pure, policy=policy)(state, x, rope, mask, layer_cache, keep)
         x = constrain(embeds.astype(self.dtype), HIDDEN)
+        if twin:
+            x = jax.lax.optimization_barrier(jnp.broadcast_to(x, (1, 2, x.shape[-1])))
+            positions = jnp.broadcast_to(positions, (1, 2))
         rows = None if keep is None else jnp.maximum(keep, 0)
         ropes: dict[RopeConfig, tuple[jax.Array, jax.Array]] = {}
         new_layers = []
@@ -153,6 +168,8 @@ class Gemma3TextDecoder(nnx.Module):
             x = constrain(x, HIDDEN)
             new_layers.append(layer_cache)
         hidden = self.norm(x)
+        if twin:
+            hidden = hidden[:, :1]
         if keep is not None:
             hidden = jnp.where(keep[..., None] >= 0, hidden, jnp.zeros((), hidden.dtype))
         new_cache = None if cache is None else cache.updated(new_layers)
