@@ -229,16 +229,31 @@ def test_samples_follow_the_filtered_distribution():
     np.testing.assert_allclose(freq, [0.5 / 0.8, 0.3 / 0.8, 0, 0], atol=0.015)  # nucleus {0, 1}, renormalised
 
 
-@pytest.mark.parametrize("spread", [2.0, 0.5])  # the nucleus inside the top CANDIDATES ids, then past them
+@pytest.mark.parametrize("spread", [2.0, 0.3])  # a nucleus of a few ids, then of most of the vocabulary
 def test_top_p_draws_stay_in_the_nucleus(spread):
-    vocab = 2 * sampling.CANDIDATES
+    vocab = 512
     logits = np.random.RandomState(1).randn(1, vocab).astype(np.float32) * spread
     config = sampling.SamplingConfig.make(vocab_limit=vocab, vocab_size=vocab, do_sample=True, top_p=0.9)
     kept = np.isfinite(np.asarray(filter_logits(logits, config, np.float32(1.0), np.float32(0.9))))[0]
-    assert (kept.sum() > sampling.CANDIDATES) == (spread < 1)
+    probs = np.exp(logits[0] - logits[0].max()) / np.exp(logits[0] - logits[0].max()).sum()
+    order = np.argsort(-probs)
+    nucleus = order[:np.searchsorted(np.cumsum(probs[order]), 0.9) + 1]
+    assert set(np.flatnonzero(kept)) == set(nucleus.tolist()) and (len(nucleus) > 256) == (spread < 1)
     draws = np.asarray(jax.jit(jax.vmap(lambda key: choose(logits, key, config, np.float32(1.0), np.float32(0.9))))(
         jax.random.split(jax.random.key(0), 4000)))[:, 0]
     assert kept[draws].all() and len(set(draws.tolist())) > 0.8 * kept.sum()
+
+
+def test_top_k_keeps_ties_as_transformers():
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    logits = np.round(np.random.RandomState(2).randn(3, 200) * 2).astype(np.float32)  # many ties
+    for k in (1, 5, 37):
+        config = sampling.SamplingConfig.make(vocab_limit=200, vocab_size=200, do_sample=True, top_k=k)
+        ours = np.isfinite(np.asarray(filter_logits(logits, config, np.float32(1.0), np.float32(1.0))))
+        ref = np.isfinite(TopKLogitsWarper(k)(torch.zeros((3, 1), dtype=torch.long), torch.from_numpy(logits)).numpy())
+        np.testing.assert_array_equal(ours, ref)
+        assert (ours.sum(axis=1) >= k).all()
 
 
 def count_traces(fn, counts):

@@ -46,9 +46,9 @@ class SamplingConfig:
                    use_top_p=bool(do_sample and top_p is not None and top_p < 1))
 
 
-# top-p alone draws from the top CANDIDATES ids when they hold the nucleus (almost always), instead of
-# sorting the whole vocabulary; a row whose nucleus is larger sends the step through the full sort.
-CANDIDATES = 256
+# Thresholds by radix search: RADIX candidate keys per pass, 32 / log2(RADIX) passes over the vocabulary,
+# each one fused reduction (no sort of the vocabulary, no branch on the device).
+RADIX_BITS = 4
 
 
 def _limited(logits: jax.Array, config: SamplingConfig) -> jax.Array:
@@ -57,28 +57,47 @@ def _limited(logits: jax.Array, config: SamplingConfig) -> jax.Array:
     return jnp.where(jnp.arange(logits.shape[-1]) < config.vocab_limit, logits, NEG_INF)
 
 
-def _nucleus(ordered: jax.Array, probs: jax.Array, top_p: jax.Array) -> jax.Array:
-    """`ordered` (B, k) descending logits, `probs` their probabilities -> `ordered` with the entries past the
-    smallest prefix whose mass reaches top_p at -inf (the top one always stays; ties with the last kept stay)."""
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1
-    threshold = jnp.take_along_axis(ordered, jnp.maximum(keep, 1) - 1, axis=-1)
-    return jnp.where(ordered < threshold, NEG_INF, ordered)
+def _order_keys(x: jax.Array) -> jax.Array:
+    """float32 (B, V) -> uint32 keys in the same order (negative floats flipped below the positive ones)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
 
 
-def _survivors(logits: jax.Array, k: int, config: SamplingConfig, top_p: jax.Array,
-               top: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
-    """(values, ids) (B, k): the k highest of the (scaled) logits in descending order, those that top-p
-    removes at -inf. With top_k the nucleus is taken within the top k (as transformers' warpers chain);
-    without it, k must hold the nucleus (probabilities over the whole vocabulary)."""
-    values, ids = jax.lax.top_k(logits, k) if top is None else top
-    if config.use_top_p:
-        if config.top_k is not None:
-            probs = jax.nn.softmax(values, axis=-1)
+def _threshold(keys: jax.Array, weights: jax.Array | None, target: jax.Array) -> jax.Array:
+    """keys (B, V) uint32, weights (B, V) float32 or None (a count), target () or (B, 1) -> (B, 1) uint32:
+    the largest key t whose weight at or above it, sum(weights[keys >= t]), reaches target (0 if none).
+
+    Found digit by digit from the top: each pass weighs 2**RADIX_BITS candidate keys at once."""
+    radix = 1 << RADIX_BITS
+    lo = jnp.zeros((keys.shape[0], 1), jnp.uint32)
+    for shift in range(32 - RADIX_BITS, -1, -RADIX_BITS):
+        candidates = lo + (jnp.arange(radix, dtype=jnp.uint32) << shift)[None, :]  # (B, R), no overflow
+        above = keys[:, None, :] >= candidates[:, :, None]  # (B, R, V)
+        if weights is None:
+            weight = jnp.sum(above, axis=-1, dtype=jnp.int32)
         else:
-            probs = jnp.exp(values - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
-        values = _nucleus(values, probs, top_p)
-    return values, ids
+            weight = jnp.sum(jnp.where(above, weights[:, None, :], 0.0), axis=-1)
+        digit = jnp.sum(weight[:, 1:] >= target, axis=-1, dtype=jnp.uint32)  # weight falls as keys rise
+        lo = lo + (digit << shift)[:, None]
+    return lo
+
+
+def _kept(logits: jax.Array, config: SamplingConfig, top_p: jax.Array) -> jax.Array:
+    """(B, V) scaled logits -> (B, V) bool: the ids top-k and then top-p keep.
+
+    As transformers' warpers: top-k keeps every logit at least the k-th largest (ties included); top-p
+    keeps the smallest set of the highest probabilities (after top-k) whose mass reaches top_p, and every
+    id tied with its smallest member."""
+    kept = jnp.ones(logits.shape, bool)
+    if config.top_k is not None:
+        keys = _order_keys(logits)
+        kept = keys >= _threshold(keys, None, jnp.int32(config.top_k))
+        logits = jnp.where(kept, logits, NEG_INF)
+    if config.use_top_p:
+        probs = jax.nn.softmax(logits, axis=-1)
+        keys = _order_keys(probs)
+        kept = kept & (keys >= _threshold(keys, probs, top_p))
+    return kept
 
 
 def filter_logits(logits: jax.Array, config: SamplingConfig, temperature: jax.Array,
@@ -90,33 +109,14 @@ def filter_logits(logits: jax.Array, config: SamplingConfig, temperature: jax.Ar
     logits = logits / temperature
     if config.top_k is None and not config.use_top_p:
         return logits
-    values, ids = _survivors(logits, config.top_k or logits.shape[-1], config, top_p)
-    rows = jnp.arange(logits.shape[0])[:, None]
-    return jnp.full_like(logits, NEG_INF).at[rows, ids].set(values)
+    return jnp.where(_kept(logits, config, top_p), logits, NEG_INF)
 
 
 def choose(logits: jax.Array, key: jax.Array, config: SamplingConfig, temperature: jax.Array,
            top_p: jax.Array) -> jax.Array:
-    """logits (B, V) -> next tokens (B,) int32: argmax, or a draw from the filtered distribution.
-
-    Sampling draws among the top-k (or, for top-p alone, the top CANDIDATES) ids only, never sorting the
-    vocabulary unless a nucleus is larger than CANDIDATES."""
-    logits = _limited(logits, config)
+    """logits (B, V) -> next tokens (B,) int32: argmax, or a draw from the filtered distribution (a fixed
+    number of passes over the vocabulary: no sort, no branch)."""
     if not config.do_sample:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
-    if config.top_k is None and not config.use_top_p:
-        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-
-    def draw(values, ids):
-        pick = jax.random.categorical(key, values, axis=-1)
-        return jnp.take_along_axis(ids, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
-
-    vocab = logits.shape[-1]
-    k = config.top_k or min(CANDIDATES, vocab)
-    top = jax.lax.top_k(logits, k)
-    if config.top_k is not None or k == vocab:
-        return draw(*_survivors(logits, k, config, top_p, top))
-    mass = jnp.sum(jnp.exp(top[0] - jax.nn.logsumexp(logits, axis=-1, keepdims=True)), axis=-1)
-    return jax.lax.cond(jnp.all(mass >= top_p), lambda: draw(*_survivors(logits, k, config, top_p, top)),
-                        lambda: draw(*_survivors(logits, vocab, config, top_p)))
+        return jnp.argmax(_limited(logits, config), axis=-1).astype(jnp.int32)
+    filtered = filter_logits(logits, config, temperature, top_p)
+    return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
