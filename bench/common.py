@@ -7,8 +7,6 @@ import os
 import statistics
 import time
 
-import torch
-
 from tests.helpers.full_size import GEMMA3_4B_CONFIG  # noqa: F401 (re-exported for the GPU scripts)
 
 TEXT_IDS = (3, 255999)  # random prompt words: no pad/eos/bos, below the image ids
@@ -131,6 +129,7 @@ def hf_config(tiny: bool):
 
 def randomize_gemma(model, seed: int, embed_std: float):
     """Re-draw what transformers initialises to zero or one: RMSNorms, LayerNorms, SigLIP biases, projector."""
+    import torch
     from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 
     emb = model.model.language_model.embed_tokens.weight

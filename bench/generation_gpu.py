@@ -36,7 +36,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from bench.common import TEXT_IDS, hf_config, log, timed, write_report  # noqa: E402
 
@@ -49,6 +48,7 @@ def prompt_ids(batch: int, length: int, bos: int, tiny: bool, seed: int) -> np.n
 
 
 def run_torch(args, config, device: str) -> dict:
+    import torch
     import transformers
 
     log(f"building transformers Gemma3ForConditionalGeneration (bfloat16) on {device}")
@@ -347,6 +347,8 @@ def main(argv=None) -> int:
     args.torch_batches = args.torch_batches or [b for b in args.batches if b != 32]
     if args.new_tokens < 2:
         raise SystemExit("--new-tokens must be at least 2 (decode time is measured over new_tokens - 1 steps)")
+    import torch
+
     if args.tiny:
         torch.set_num_threads(1)
     import transformers

@@ -88,6 +88,124 @@ def census(text: str, vocab: str = "262208") -> tuple[dict, int]:
     return dict(groups), graphs
 
 
+# ---------------------------------------------------------------- kernels per computation
+
+_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([\w\-]+)\((.*)$")
+_CALLS = re.compile(r"(?:calls|to_apply|body|condition|true_computation|false_computation)=%([\w.\-]+)")
+NOT_LAUNCHED = SKIP | {"after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency", "domain"}
+
+
+def computations(text: str) -> dict[str, list[str]]:
+    """{computation name: its instruction lines} of an HLO module's text; the entry is named "ENTRY"."""
+    out, name = {}, None
+    for line in text.splitlines():
+        if name is None:
+            m = re.match(r"^(ENTRY )?%([\w.\-]+) .*\{\s*$", line)
+            if m:
+                name = "ENTRY" if m.group(1) else m.group(2)
+                out[name] = []
+        elif line.startswith("}"):
+            name = None
+        else:
+            out[name].append(line)
+    return out
+
+
+def kernel_kind(op: str, rest: str, name: str, fused: dict[str, list[str]]) -> str | None:
+    """What one instruction of a launching computation runs on the GPU (None: nothing, a view or a
+    constant). Fusions by their emitter; custom calls by target; copies; control flow."""
+    if op in NOT_LAUNCHED:
+        return None
+    if op == "fusion":
+        emitter = re.search(r'"kind":"(__[\w$]+)"', rest)
+        emitter = emitter.group(1) if emitter else ""
+        if "gemm" in emitter:
+            return "gemm (triton)"
+        if emitter == "__triton":
+            return "triton (normalisation/softmax)"
+        if emitter in ("__custom_fusion", "__dynamic_memcpy") or "address_computation" in emitter \
+                or "dynamic_slice" in emitter:
+            return f"custom fusion {emitter}"
+        callee = _CALLS.search(rest)
+        root = next((l for l in fused.get(callee.group(1), []) if l.lstrip().startswith("ROOT")), "") if callee else ""
+        if " dynamic-update-slice(" in root or "dynamic_update_slice" in name:
+            return "fusion (dynamic-update-slice)"
+        if re.search(r" copy\(|transpose\(", root) and "kind=kLoop" in rest:
+            return "fusion (copy/transpose)"
+        return "fusion"
+    if op == "custom-call":
+        target = re.search(r'custom_call_target="([^"]+)"', rest)
+        target = target.group(1) if target else "?"
+        if "cublas" in target:
+            return "gemm (cublas)"
+        if "cudnn" in target:
+            return "cudnn"
+        return f"custom-call {target}"
+    if op in ("copy", "copy-start"):
+        return "copy"
+    if op in ("while", "conditional", "call"):
+        return None  # their computations are counted on their own (a call's inline)
+    return op  # an unfused op emitted as its own kernel (rare after fusion)
+
+
+def kernel_census(text: str, layers: int = 0) -> dict:
+    """Kernels per launching computation (the entry, while bodies and conditions, conditional branches):
+    {name: {"role", "trip_count", "kinds": {kind: count}, "kernels"}}, and "per_step": the outermost while
+    body's kernels with the loops inside it expanded by their known trip counts (None trip count: 1).
+    With `layers`, each body's count divided by it too ("per_layer")."""
+    comps = computations(text)
+    launching = {"ENTRY": ("entry", None)}
+    for lines in comps.values():
+        for line in lines:
+            m = _INSTRUCTION.match(line)
+            if not m:
+                continue
+            op, rest = m.group(3), m.group(4)
+            if op == "while":
+                trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+                body, cond = (re.search(rf"{k}=%([\w.\-]+)", rest).group(1) for k in ("body", "condition"))
+                launching[body] = ("while body", int(trip.group(1)) if trip else None)
+                launching[cond] = ("while condition", None)
+            elif op == "conditional":
+                for branch in re.findall(r"%([\w.\-]+)", (re.search(r"branch_computations=\{([^}]*)\}", rest)
+                                                          or re.search(r"()", rest)).group(1)):
+                    launching[branch] = ("conditional branch", None)
+                for k in ("true_computation", "false_computation"):
+                    found = re.search(rf"{k}=%([\w.\-]+)", rest)
+                    if found:
+                        launching[found.group(1)] = ("conditional branch", None)
+            elif op == "call":
+                callee = re.search(r"to_apply=%([\w.\-]+)", rest)
+                if callee:
+                    launching[callee.group(1)] = ("call", None)
+    out = {}
+    for name, (role, trip) in launching.items():
+        kinds, inner = collections.Counter(), []
+        for line in comps.get(name, []):
+            m = _INSTRUCTION.match(line)
+            if not m:
+                continue
+            kind = kernel_kind(m.group(3), m.group(4), m.group(1), comps)
+            if kind:
+                kinds[kind] += 1
+            if m.group(3) in ("while", "call", "conditional"):
+                inner += [c for c in re.findall(r"(?:body|condition|to_apply)=%([\w.\-]+)", m.group(4)) if c in launching]
+        out[name] = dict(role=role, trip_count=trip, kinds=dict(kinds), kernels=sum(kinds.values()), inner=inner)
+        if layers and role == "while body":
+            out[name]["per_layer"] = out[name]["kernels"] / layers
+    return out
+
+
+def expanded(census: dict, name: str) -> collections.Counter:
+    """Kernel kinds of one run of computation `name`, the loops inside it run their known trip counts."""
+    total = collections.Counter(census[name]["kinds"])
+    for inner in census[name]["inner"]:
+        times = census[inner]["trip_count"] or 1
+        for kind, n in expanded(census, inner).items():
+            total[kind] += n * (times if census[inner]["role"] == "while body" else 1)
+    return total
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("hlo")

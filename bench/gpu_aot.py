@@ -1,0 +1,226 @@
+"""The library's programs compiled for an NVIDIA H200 on a machine without a GPU, and their kernel census.
+
+XLA:GPU compiles for a described device (deviceless ahead-of-time compilation): `h200_target_config.txtpb`
+beside this file is the H200's GpuTargetConfig, jax's compile-only CUDA topology holds one such device,
+and every argument is an abstract array (ShapeDtypeStruct) placed on it: no weights, no GPU. Each program
+is the one the GPU benchmarks build (full-size gemma-3-4b-it config, bf16): `decode` is
+`bench.decode_profile`'s decode loop (4,400-token prompt, 128-token buffer), `prefill` generate's prefill
+of a 4,400-token text prompt, `forward` and `train` `bench.theworld_speed_gpu`'s fused TheWorld forward
+and `bench.train_gpu`'s launcher step (theworld_jax.train.step.TrainStep, projector only). Written under
+--out: the optimized HLO (gzipped) and the kernel census (`bench.hlo_census.kernel_census`).
+
+Without the card XLA does not autotune: GEMMs take the default Triton tile config instead of the
+measured best (same kernel count, other tiles), and nothing that needs a timing run is decided by one.
+
+    # CUDA-plugin venv (bench/README.md): jax[cuda13]==0.11.2 on Python 3.12
+    python -m bench.gpu_aot smoke                    # x * x and a matrix product: prints the optimized HLO
+    python -m bench.gpu_aot decode --batch 1 --out /tmp/aot
+    python -m bench.gpu_aot decode --batch 8 --sampling --xla-flag xla_gpu_enable_triton_gemm=false --out /tmp/aot
+    python -m bench.gpu_aot --census bench/results/decode_hlo_s3_final_B1_h200.txt.gz   # any HLO text, any venv
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import json
+import os
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the H200 is a compile-only topology, not a backend
+
+TARGET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "h200_target_config.txtpb")
+PROGRAMS = ("smoke", "decode", "prefill", "forward", "train")
+
+
+def h200_sharding(target: str = TARGET):
+    """A replicated NamedSharding on the one device of a compile-only CUDA topology described by `target`."""
+    import jax
+    from jax.experimental import topologies
+
+    with open(target) as f:
+        topology = topologies.get_topology_desc(platform="cuda", target_config=f.read(), topology="1x1x1")
+    mesh = topologies.make_mesh(topo=topology, mesh_shape=(1,), axis_names=("x",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def placed(tree, sharding):
+    """The array leaves of `tree` (arrays or ShapeDtypeStructs) as ShapeDtypeStructs on `sharding`."""
+    import jax
+
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def _gemma_config():
+    from bench.common import hf_config
+    from theworld_jax.config.gemma3 import Gemma3Config
+
+    return Gemma3Config.from_dict(hf_config(False).to_dict())
+
+
+def smoke(args, options: dict):
+    """x * x, then a (B, 2560) x (2560, 10240) bf16 matrix product: the setup's check."""
+    import jax
+    import jax.numpy as jnp
+
+    def run(x, w):
+        return (x * x) @ w
+
+    shapes = (jax.ShapeDtypeStruct((args.batch, 2560), jnp.bfloat16), jax.ShapeDtypeStruct((2560, 10240), jnp.bfloat16))
+    return jax.jit(run, compiler_options=options or None), shapes
+
+
+def decode(args, options: dict):
+    """decode_profile's decode loop on a prefilled cache: (jitted program, abstract arguments)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from bench.decode_profile import decode_program, synthetic_state
+    from theworld_jax import generation, sampling
+    from theworld_jax.modeling.gemma3 import Gemma3Model
+
+    cfg = _gemma_config()
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Gemma3Model(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))))
+    bucket, capacity = (generation.BucketPolicy().length(n) for n in (args.prompt_len, args.steps))
+    state = jax.eval_shape(lambda: synthetic_state(cfg.text, args.batch, bucket, bucket - args.prompt_len,
+                                                   capacity, 0))
+    kw = dict(do_sample=True, top_p=args.top_p) if args.sampling else {}
+    config = sampling.SamplingConfig.make(vocab_limit=cfg.text.vocab_size, vocab_size=cfg.text.vocab_size, **kw)
+    dyn = (jnp.int32(args.steps), jnp.float32(1.0), jnp.float32(args.top_p), jnp.full((8,), -1, jnp.int32))
+    return decode_program(graphdef, config, options), (params, state, *dyn)
+
+
+def prefill(args, options: dict):
+    """generate's prefill (theworld_jax.generation._prefill) of a text prompt of --prompt-len tokens, left
+    padded to its bucket, for max_new_tokens=1 (as theworld_speed_gpu times it)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from theworld_jax import generation, sampling
+    from theworld_jax.modeling.gemma3 import Gemma3Model
+
+    cfg = _gemma_config()
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Gemma3Model(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))))
+    length = generation.BucketPolicy().length(args.prompt_len)
+    batch = dict(input_ids=np.zeros((args.batch, length), np.int32), attention_mask=np.ones((args.batch, length),
+                 np.int32), token_type_ids=None, pixel_values=None, video=None)
+    config = sampling.SamplingConfig.make(vocab_limit=cfg.text.vocab_size, vocab_size=cfg.text.vocab_size)
+    static = dict(sampling=config, pad_token_id=0, capacity=generation.BucketPolicy().length(1), layout=None)
+
+    def run(params, batch, key, temperature, top_p, eos):
+        return generation._prefill(nnx.merge(graphdef, params), batch, key, temperature, top_p, eos, **static)
+
+    dyn = (jax.eval_shape(lambda: jax.random.key(0)), jnp.float32(1.0), jnp.float32(1.0),
+           jnp.full((8,), -1, jnp.int32))
+    return jax.jit(run, compiler_options=options or None), (params, batch, *dyn)
+
+
+def forward(args, options: dict):
+    raise NotImplementedError
+
+
+def train(args, options: dict):
+    raise NotImplementedError
+
+
+def compile_program(args) -> tuple[str, dict]:
+    """(optimized HLO text, record) of program `args.program` compiled for the H200 target."""
+    import jax
+
+    from bench.decode_profile import PATCHES, VARIANTS
+
+    options = dict(VARIANTS.get(args.variant, {}))
+    for flag in args.xla_flag:
+        name, _, value = flag.partition("=")
+        options[name.lstrip("-")] = {"true": True, "false": False}.get(value.lower(), value)
+    sharding = h200_sharding(args.target)
+    program, arguments = globals()[args.program](args, options)
+    patch = PATCHES.get(args.variant)
+    with contextlib.ExitStack() as stack:
+        if patch:
+            saved = getattr(patch[0], patch[1])
+            setattr(patch[0], patch[1], patch[2])
+            stack.callback(setattr, patch[0], patch[1], saved)
+        t0 = time.perf_counter()
+        lowered = program.lower(*placed(arguments, sharding))
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
+    record = dict(program=args.program, batch=args.batch, sampling=args.sampling, variant=args.variant,
+                  options={k: str(v) for k, v in options.items()}, jax=jax.__version__,
+                  device=str(sharding.mesh.devices.flat[0]), lower_s=round(t1 - t0, 2), compile_s=round(t2 - t1, 2))
+    return compiled.as_text(), record
+
+
+def census_report(text: str, layers: int) -> dict:
+    """The kernel census of an HLO text and, for the outermost while loop, its kernels per iteration."""
+    from bench.hlo_census import expanded, kernel_census
+
+    census = kernel_census(text, layers)
+    outer = next((c for c in census["ENTRY"]["inner"] if census[c]["role"] == "while body"), None)
+    step = expanded(census, outer) if outer else None
+    return dict(computations={k: {f: v for f, v in c.items() if f != "inner"} for k, c in census.items()},
+                per_step=dict(step) if step else None, per_step_kernels=sum(step.values()) if step else None,
+                per_step_per_layer=sum(step.values()) / layers if step else None)
+
+
+def summary(name: str, report: dict) -> str:
+    """A few lines: the kernels of the entry and of one iteration of the outermost loop, by kind."""
+    lines = [f"{name}: entry {report['computations']['ENTRY']['kinds']}"]
+    if report["per_step"]:
+        lines.append(f"  per loop iteration: {report['per_step_kernels']} kernels "
+                     f"({report['per_step_per_layer']:.1f} per layer): "
+                     + ", ".join(f"{k} {v}" for k, v in sorted(report["per_step"].items(), key=lambda kv: -kv[1])))
+    for comp, c in report["computations"].items():
+        if c["role"] == "while body":
+            lines.append(f"  while body {comp} (trip count {c['trip_count']}): {c['kernels']} kernels {c['kinds']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("program", nargs="?", choices=PROGRAMS)
+    parser.add_argument("--census", metavar="HLO", help="only the census of this HLO text file (.txt or .txt.gz)")
+    parser.add_argument("--out", default=None, help="directory for <tag>.hlo.txt.gz and <tag>.json")
+    parser.add_argument("--tag", default=None, help="file name stem (default: program, batch, sampling, variant)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--prompt-len", type=int, default=4400)
+    parser.add_argument("--steps", type=int, default=128, help="decode: tokens per row (the buffer's bucket)")
+    parser.add_argument("--sampling", action="store_true", help="decode: sample with top_p (default: greedy)")
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--variant", default="plain", help="decode_profile's VARIANTS / PATCHES name")
+    parser.add_argument("--xla-flag", action="append", default=[], metavar="NAME=VALUE",
+                        help="an XLA debug option for this program's compilation (repeatable)")
+    parser.add_argument("--layers", type=int, default=34, help="decoder layers (per-layer counts)")
+    parser.add_argument("--target", default=TARGET, help="GpuTargetConfig textproto")
+    args = parser.parse_args(argv)
+    if args.census:
+        opener = gzip.open if args.census.endswith(".gz") else open
+        with opener(args.census, "rt") as f:
+            report = census_report(f.read(), args.layers)
+        print(summary(args.census, report))
+        return 0
+    if not args.program:
+        parser.error("name a program or give --census")
+    text, record = compile_program(args)
+    record.update(census_report(text, args.layers))
+    tag = args.tag or f"{args.program}_B{args.batch}{'_sampling' if args.sampling else ''}_{args.variant}"
+    print(f"compiled in {record['compile_s']} s (lowered in {record['lower_s']} s)")
+    print(summary(tag, record))
+    if args.program == "smoke":
+        print(text[text.index("ENTRY"):])
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with gzip.open(os.path.join(args.out, f"{tag}.hlo.txt.gz"), "wt") as f:
+            f.write(text)
+        with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
+            json.dump(record, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
