@@ -59,7 +59,7 @@ def _gemma_config():
     return Gemma3Config.from_dict(hf_config(False).to_dict())
 
 
-def smoke(args, options: dict):
+def smoke(args):
     """x * x, then a (B, 2560) x (2560, 10240) bf16 matrix product: the setup's check."""
     import jax
     import jax.numpy as jnp
@@ -68,10 +68,10 @@ def smoke(args, options: dict):
         return (x * x) @ w
 
     shapes = (jax.ShapeDtypeStruct((args.batch, 2560), jnp.bfloat16), jax.ShapeDtypeStruct((2560, 10240), jnp.bfloat16))
-    return jax.jit(run, compiler_options=options or None), shapes
+    return jax.jit(run), shapes
 
 
-def decode(args, options: dict):
+def decode(args):
     """decode_profile's decode loop on a prefilled cache: (jitted program, abstract arguments)."""
     import jax
     import jax.numpy as jnp
@@ -89,10 +89,10 @@ def decode(args, options: dict):
     kw = dict(do_sample=True, top_p=args.top_p) if args.sampling else {}
     config = sampling.SamplingConfig.make(vocab_limit=cfg.text.vocab_size, vocab_size=cfg.text.vocab_size, **kw)
     dyn = (jnp.int32(args.steps), jnp.float32(1.0), jnp.float32(args.top_p), jnp.full((8,), -1, jnp.int32))
-    return decode_program(graphdef, config, options), (params, state, *dyn)
+    return decode_program(graphdef, config, {}), (params, state, *dyn)
 
 
-def prefill(args, options: dict):
+def prefill(args):
     """generate's prefill (theworld_jax.generation._prefill) of a text prompt of --prompt-len tokens, left
     padded to its bucket, for max_new_tokens=1 (as theworld_speed_gpu times it)."""
     import jax
@@ -116,15 +116,58 @@ def prefill(args, options: dict):
 
     dyn = (jax.eval_shape(lambda: jax.random.key(0)), jnp.float32(1.0), jnp.float32(1.0),
            jnp.full((8,), -1, jnp.int32))
-    return jax.jit(run, compiler_options=options or None), (params, batch, *dyn)
+    return jax.jit(run), (params, batch, *dyn)
 
 
-def forward(args, options: dict):
-    raise NotImplementedError
+def forward(args):
+    """theworld_speed_gpu's fused TheWorld forward (4,096 world + 256 image + text tokens = 4,400), the
+    logits at the 40 labelled positions (--logits labelled), at every position (full) or the last (last)."""
+    from flax import nnx
+
+    from bench.theworld_speed_gpu import forward_program, jax_batch, model_factory, sizes
+
+    z = sizes(False)
+    graphdef, state = nnx.split(nnx.eval_shape(model_factory(z)))
+    x, layout, keep = jax_batch(z, args.batch)
+    keep, last = {"labelled": (keep, None), "full": (None, None), "last": (None, 1)}[args.logits]
+    return forward_program(graphdef, layout), (state, x, keep, last)
 
 
-def train(args, options: dict):
-    raise NotImplementedError
+def train(args):
+    """train_gpu's step: the launcher's TrainStep on configs/theworld-4b-projection.yaml (projector only,
+    AdamW, no accumulation, --remat), one batch of --batch rows of 4,480 fused tokens (384 ids + 4,096
+    world tokens), the logits of 24 labelled positions."""
+    import types
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from bench.train_gpu import REPO
+    from theworld_jax.config.theworld import TheWorldConfig
+    from theworld_jax.config.wan_vae import WanVAEConfig
+    from theworld_jax.modeling.theworld import TheWorldModel
+    from theworld_jax.train import model as model_lib
+    from theworld_jax.train.config import load_config
+    from theworld_jax.train.step import TrainStep, make_optimizer
+    from theworld_jax.weights.loader import param_path
+
+    config = load_config(os.path.join(REPO, "configs", "theworld-4b-projection.yaml"),
+                         [f"model.remat={args.remat}", "optimizer.accumulation=1", "optimizer.warmup_steps=1"])
+    gemma, vae = _gemma_config(), WanVAEConfig()
+    world = TheWorldConfig(gemma_model_name=None, cosmos_model_name=None, sow_token_id=262145, eow_token_id=262146,
+                           **model_lib._world_settings(config.model))
+    model = nnx.eval_shape(lambda: TheWorldModel.create(world, gemma, vae, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    split = model_lib.split_trainable(model, model_lib.trainable_paths(model, world))
+    trainable = {param_path(p): jax.ShapeDtypeStruct(v.shape, jnp.float32) for p, v in nnx.to_flat_state(split.template)}
+    optimizer = make_optimizer(config.optimizer, 10, trainable)
+    theworld = types.SimpleNamespace(gemma_config=gemma, config=world, num_world_tokens=lambda frames: 4096)
+    step = TrainStep(split, optimizer, layout=model_lib.attention_layout(theworld), remat=config.model.remat)
+    rows, ids, image = (1, args.batch), 4480 - 4096, gemma.vision.image_size
+    s = lambda *shape, dtype=jnp.int32: jax.ShapeDtypeStruct(rows + shape, dtype)  # noqa: E731
+    batch = dict(input_ids=s(ids), attention_mask=s(ids), token_type_ids=s(ids), labels=s(ids), keep=s(24),
+                 pixel_values=s(3, image, image, dtype=jnp.bfloat16), video=s(1, 512, 512, 3, dtype=jnp.float32))
+    return step.step, (trainable, jax.eval_shape(optimizer.init, trainable), split.frozen, batch)
 
 
 def compile_program(args) -> tuple[str, dict]:
@@ -138,7 +181,7 @@ def compile_program(args) -> tuple[str, dict]:
         name, _, value = flag.partition("=")
         options[name.lstrip("-")] = {"true": True, "false": False}.get(value.lower(), value)
     sharding = h200_sharding(args.target)
-    program, arguments = globals()[args.program](args, options)
+    program, arguments = globals()[args.program](args)
     patch = PATCHES.get(args.variant)
     with contextlib.ExitStack() as stack:
         if patch:
@@ -148,7 +191,7 @@ def compile_program(args) -> tuple[str, dict]:
         t0 = time.perf_counter()
         lowered = program.lower(*placed(arguments, sharding))
         t1 = time.perf_counter()
-        compiled = lowered.compile()
+        compiled = lowered.compile(options or None)
         t2 = time.perf_counter()
     record = dict(program=args.program, batch=args.batch, sampling=args.sampling, variant=args.variant,
                   options={k: str(v) for k, v in options.items()}, jax=jax.__version__,
@@ -195,6 +238,8 @@ def main(argv=None) -> int:
     parser.add_argument("--variant", default="plain", help="decode_profile's VARIANTS / PATCHES name")
     parser.add_argument("--xla-flag", action="append", default=[], metavar="NAME=VALUE",
                         help="an XLA debug option for this program's compilation (repeatable)")
+    parser.add_argument("--logits", default="labelled", choices=("labelled", "full", "last"), help="forward")
+    parser.add_argument("--remat", default="none", help="train: the decoder's remat policy")
     parser.add_argument("--layers", type=int, default=34, help="decoder layers (per-layer counts)")
     parser.add_argument("--target", default=TARGET, help="GpuTargetConfig textproto")
     args = parser.parse_args(argv)

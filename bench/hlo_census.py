@@ -130,6 +130,8 @@ def kernel_kind(op: str, rest: str, name: str, fused: dict[str, list[str]]) -> s
         root = next((l for l in fused.get(callee.group(1), []) if l.lstrip().startswith("ROOT")), "") if callee else ""
         if " dynamic-update-slice(" in root or "dynamic_update_slice" in name:
             return "fusion (dynamic-update-slice)"
+        if " scatter(" in root:
+            return "fusion (scatter)"
         if re.search(r" copy\(|transpose\(", root) and "kind=kLoop" in rest:
             return "fusion (copy/transpose)"
         return "fusion"

@@ -31,7 +31,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from bench.common import GEMMA3_4B_CONFIG, log, timed, trace_call  # noqa: E402
 
@@ -77,6 +76,8 @@ def med(fn, wait, warmup: int, repeats: int):
 
 # ------------------------------------------------------------------ PyTorch reference
 def torch_side(z, parts, device, repeats):
+    import torch
+
     from tests.helpers import theworld_reference as ref
     import transformers
     from diffusers import AutoencoderKLWan
@@ -162,40 +163,25 @@ def jax_side(z, parts, repeats, remat8):
     import optax
     from flax import nnx
 
-    from theworld_jax.attention import block_layout
-    from theworld_jax.config.gemma3 import Gemma3Config
-    from theworld_jax.config.theworld import TheWorldConfig
-    from theworld_jax.config.wan_vae import WanVAEConfig
     from theworld_jax.generation import start
     from theworld_jax.inputs import Batch
-    from theworld_jax.modeling.fusion import labelled_positions
-    from theworld_jax.modeling.theworld import TheWorldModel
 
     log(f"jax {jax.__version__} on {jax.devices()[0]}; XLA_PYTHON_CLIENT_MEM_FRACTION="
         f"{os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION')}")
-    gemma_config = Gemma3Config.from_dict(z["config"].to_dict())
-    vae_config = WanVAEConfig.from_dict(z["vae"])
-    config = TheWorldConfig(sow_token_id=z["sow"], eow_token_id=z["eow"], vae_image_size=(z["vae_size"],) * 2)
     t0 = time.perf_counter()
-    model = random_model(lambda: TheWorldModel.create(config, gemma_config, vae_config, dtype=jnp.bfloat16,
-                                                      rngs=nnx.Rngs(0)))
+    model = random_model(model_factory(z))
     log(f"jax model built in {time.perf_counter() - t0:.1f} s")
     graphdef, state = nnx.split(model)
     wait = jax.block_until_ready
     out = {}
 
     def device_batch(b):
-        x = make_batch(z, b)
-        layout = block_layout(x["token_type_ids"], x["attention_mask"])
-        keep = jnp.asarray(labelled_positions(x["labels"]))
-        x = {k: jnp.asarray(v, jnp.bfloat16 if v.dtype == np.float32 else jnp.int32) for k, v in x.items()}
-        return x, layout, keep
+        x, layout, keep = jax_batch(z, b)
+        return {k: jnp.asarray(v) for k, v in x.items()}, layout, jnp.asarray(keep)
 
     if "forward" in parts:
         x, layout, keep = device_batch(1)
-        fwd = jax.jit(lambda s, x, keep, last: nnx.merge(graphdef, s).forward(
-            **x, logits_to_keep=keep if last is None else last, layout=layout).logits,
-            static_argnums=3)
+        fwd = forward_program(graphdef, layout)
         for name, args in (("full", (None, None)), ("last", (None, 1)), ("labelled", (keep, None))):
             first, s = med(lambda: fwd(state, x, *args), wait, 1, repeats)
             out[f"forward_b1_{name}_ms"] = s * 1e3
@@ -253,6 +239,47 @@ def jax_side(z, parts, repeats, remat8):
     return out
 
 
+def model_factory(z: dict):
+    """() -> the bf16 TheWorldModel of sizes `z` (random init; under nnx.eval_shape: its shapes)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from theworld_jax.config.gemma3 import Gemma3Config
+    from theworld_jax.config.theworld import TheWorldConfig
+    from theworld_jax.config.wan_vae import WanVAEConfig
+    from theworld_jax.modeling.theworld import TheWorldModel
+
+    gemma_config = Gemma3Config.from_dict(z["config"].to_dict())
+    vae_config = WanVAEConfig.from_dict(z["vae"])
+    config = TheWorldConfig(sow_token_id=z["sow"], eow_token_id=z["eow"], vae_image_size=(z["vae_size"],) * 2)
+    return lambda: TheWorldModel.create(config, gemma_config, vae_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+
+
+def jax_batch(z: dict, b: int):
+    """(host inputs of `make_batch` as the JAX side takes them: float32 -> bfloat16, ints -> int32; the
+    fast attention path's layout; the labelled positions (b, K))."""
+    import ml_dtypes
+
+    from theworld_jax.attention import block_layout
+    from theworld_jax.modeling.fusion import labelled_positions
+
+    x = make_batch(z, b)
+    layout = block_layout(x["token_type_ids"], x["attention_mask"])
+    keep = np.asarray(labelled_positions(x["labels"]))
+    x = {k: v.astype(ml_dtypes.bfloat16 if v.dtype == np.float32 else np.int32) for k, v in x.items()}
+    return x, layout, keep
+
+
+def forward_program(graphdef, layout):
+    """jit of (state, inputs, keep, last) -> the fused forward's logits at `keep` ((B, K) positions or None:
+    all) or, when the static `last` is an int, at the last `last` positions."""
+    import jax
+    from flax import nnx
+
+    return jax.jit(lambda s, x, keep, last: nnx.merge(graphdef, s).forward(
+        **x, logits_to_keep=keep if last is None else last, layout=layout).logits, static_argnums=3)
+
+
 def random_model(create):
     """The module `create` builds, every parameter drawn N(0, 0.02^2) by one small jit per shape (jitting
     the whole initialiser took minutes to compile)."""
@@ -290,6 +317,8 @@ def main(argv=None) -> int:
     parser.add_argument("--remat8", default="dots_saveable", help="remat policy of the B=8 training step")
     parser.add_argument("--out", default=None, help="path prefix for .json and .md")
     args = parser.parse_args(argv)
+    import torch
+
     z = sizes(args.tiny)
     parts = ("forward", "train") if args.part == "all" else (args.part,)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
