@@ -206,9 +206,11 @@ def census_report(text: str, layers: int) -> dict:
     census = kernel_census(text, layers)
     outer = next((c for c in census["ENTRY"]["inner"] if census[c]["role"] == "while body"), None)
     step = expanded(census, outer) if outer else None
+    copied = expanded(census, outer, "copy_bytes") if outer else None
     return dict(computations={k: {f: v for f, v in c.items() if f != "inner"} for k, c in census.items()},
                 per_step=dict(step) if step else None, per_step_kernels=sum(step.values()) if step else None,
-                per_step_per_layer=sum(step.values()) / layers if step else None)
+                per_step_per_layer=sum(step.values()) / layers if step else None,
+                per_step_copy_bytes=dict(copied) if copied else None)
 
 
 def summary(name: str, report: dict) -> str:
@@ -218,6 +220,9 @@ def summary(name: str, report: dict) -> str:
         lines.append(f"  per loop iteration: {report['per_step_kernels']} kernels "
                      f"({report['per_step_per_layer']:.1f} per layer): "
                      + ", ".join(f"{k} {v}" for k, v in sorted(report["per_step"].items(), key=lambda kv: -kv[1])))
+        if report["per_step_copy_bytes"]:
+            lines.append("  copied per loop iteration: " + ", ".join(
+                f"{k} {v / 2**20:.1f} MiB" for k, v in report["per_step_copy_bytes"].items()))
     for comp, c in report["computations"].items():
         if c["role"] == "while body":
             lines.append(f"  while body {comp} (trip count {c['trip_count']}): {c['kernels']} kernels {c['kinds']}")

@@ -92,6 +92,7 @@ def census(text: str, vocab: str = "262208") -> tuple[dict, int]:
 
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([\w\-]+)\((.*)$")
 _CALLS = re.compile(r"(?:calls|to_apply|body|condition|true_computation|false_computation)=%([\w.\-]+)")
+COPY_KINDS = ("copy", "fusion (dynamic-slice)", "fusion (copy/transpose)")  # kernels that only move bytes
 NOT_LAUNCHED = SKIP | {"after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency", "domain"}
 
 
@@ -114,8 +115,10 @@ def computations(text: str) -> dict[str, list[str]]:
 def kernel_kind(op: str, rest: str, name: str, fused: dict[str, list[str]]) -> str | None:
     """What one instruction of a launching computation runs on the GPU (None: nothing, a view or a
     constant). Fusions by their emitter; custom calls by target; copies; control flow."""
-    if op in NOT_LAUNCHED:
+    if op in NOT_LAUNCHED or op.endswith("-done"):
         return None
+    if op == "fusion-start":  # an async fusion (its -done only waits): e.g. a dynamic slice on its own stream
+        return kernel_kind("fusion", rest, name, fused) + " async"
     if op == "fusion":
         emitter = re.search(r'"kind":"(__[\w$]+)"', rest)
         emitter = emitter.group(1) if emitter else ""
@@ -132,6 +135,8 @@ def kernel_kind(op: str, rest: str, name: str, fused: dict[str, list[str]]) -> s
             return "fusion (dynamic-update-slice)"
         if " scatter(" in root:
             return "fusion (scatter)"
+        if " dynamic-slice(" in root:
+            return "fusion (dynamic-slice)"
         if re.search(r" copy\(|transpose\(", root) and "kind=kLoop" in rest:
             return "fusion (copy/transpose)"
         return "fusion"
@@ -182,7 +187,7 @@ def kernel_census(text: str, layers: int = 0) -> dict:
                     launching[callee.group(1)] = ("call", None)
     out = {}
     for name, (role, trip) in launching.items():
-        kinds, inner = collections.Counter(), []
+        kinds, copied, inner = collections.Counter(), collections.Counter(), []
         for line in comps.get(name, []):
             m = _INSTRUCTION.match(line)
             if not m:
@@ -190,20 +195,28 @@ def kernel_census(text: str, layers: int = 0) -> dict:
             kind = kernel_kind(m.group(3), m.group(4), m.group(1), comps)
             if kind:
                 kinds[kind] += 1
+            if kind and kind.removesuffix(" async") in COPY_KINDS:
+                callee = _CALLS.search(m.group(4))
+                root = next((r for r in comps.get(callee.group(1), []) if r.lstrip().startswith("ROOT")), "") \
+                    if callee else ""
+                root = _INSTRUCTION.match(root)
+                copied[kind] += nbytes(root.group(2) if root else m.group(2))
             if m.group(3) in ("while", "call", "conditional"):
                 inner += [c for c in re.findall(r"(?:body|condition|to_apply)=%([\w.\-]+)", m.group(4)) if c in launching]
-        out[name] = dict(role=role, trip_count=trip, kinds=dict(kinds), kernels=sum(kinds.values()), inner=inner)
+        out[name] = dict(role=role, trip_count=trip, kinds=dict(kinds), kernels=sum(kinds.values()),
+                         copy_bytes=dict(copied), inner=inner)
         if layers and role == "while body":
             out[name]["per_layer"] = out[name]["kernels"] / layers
     return out
 
 
-def expanded(census: dict, name: str) -> collections.Counter:
-    """Kernel kinds of one run of computation `name`, the loops inside it run their known trip counts."""
-    total = collections.Counter(census[name]["kinds"])
+def expanded(census: dict, name: str, field: str = "kinds") -> collections.Counter:
+    """Kernel kinds (or `field` "copy_bytes": bytes written by copy kernels) of one run of computation
+    `name`, the loops inside it run their known trip counts."""
+    total = collections.Counter(census[name][field])
     for inner in census[name]["inner"]:
         times = census[inner]["trip_count"] or 1
-        for kind, n in expanded(census, inner).items():
+        for kind, n in expanded(census, inner, field).items():
             total[kind] += n * (times if census[inner]["role"] == "while body" else 1)
     return total
 
