@@ -174,15 +174,15 @@ def compile_program(args) -> tuple[str, dict]:
     """(optimized HLO text, record) of program `args.program` compiled for the H200 target."""
     import jax
 
-    from bench.decode_profile import PATCHES, VARIANTS
+    from bench import decode_profile
 
-    options = dict(VARIANTS.get(args.variant, {}))
+    options = dict(decode_profile.VARIANTS.get(args.variant, {}))
     for flag in args.xla_flag:
         name, _, value = flag.partition("=")
         options[name.lstrip("-")] = {"true": True, "false": False}.get(value.lower(), value)
     sharding = h200_sharding(args.target)
     program, arguments = globals()[args.program](args)
-    patch = PATCHES.get(args.variant)
+    patch = getattr(decode_profile, "PATCHES", {}).get(args.variant)  # older versions had none
     with contextlib.ExitStack() as stack:
         if patch:
             saved = getattr(patch[0], patch[1])
