@@ -156,3 +156,34 @@ def test_bad_inputs_are_rejected(hf_and_config, decoder):
         decoder(jnp.zeros((1, 4, config.hidden_size)), positions=jnp.zeros((1, 3), jnp.int32), mask=mask)
     with pytest.raises(ValueError, match="queries have shape"):
         decoder(jnp.zeros((1, 5, config.hidden_size)), positions=jnp.zeros((1, 5), jnp.int32), mask=mask)
+
+
+def test_tied_logits_backward_keeps_the_table_in_its_dtype():
+    """Gradients as the plain float32-output einsum's; in bf16 the backward never converts the (V, D) table."""
+    import jax
+
+    from theworld_jax.modeling.layers import tied_logits
+
+    rng = np.random.default_rng(0)
+    x, table = jnp.asarray(rng.normal(size=(2, 3, 8)), jnp.float32), jnp.asarray(rng.normal(size=(11, 8)), jnp.float32)
+    plain = lambda x, t: jnp.sum(jnp.sin(jnp.einsum("BLD,VD->BLV", x, t, preferred_element_type=jnp.float32)))  # noqa: E731
+    tied = lambda x, t: jnp.sum(jnp.sin(tied_logits(x, t)))  # noqa: E731
+    for ours, ref in zip(jax.grad(tied, argnums=(0, 1))(x, table), jax.grad(plain, argnums=(0, 1))(x, table)):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-6, atol=1e-6)
+    lowered = jax.jit(jax.grad(tied)).lower(x.astype(jnp.bfloat16), table.astype(jnp.bfloat16)).as_text()
+    assert "11x8xf32" not in lowered and "11x8xbf16" in lowered
+
+
+def test_gelu_gated_gradients_match_autodiff_and_keep_only_the_inputs():
+    import jax
+
+    from theworld_jax.modeling.layers import gelu_gated
+
+    rng = np.random.default_rng(1)
+    gate, up = (jnp.asarray(rng.normal(size=(2, 5, 7)) * 3, jnp.float32) for _ in range(2))
+    plain = lambda g, u: jnp.sum(jnp.sin(jax.nn.gelu(g, approximate=True) * u))  # noqa: E731
+    ours = lambda g, u: jnp.sum(jnp.sin(gelu_gated(g, u)))  # noqa: E731
+    for a, b in zip(jax.grad(ours, argnums=(0, 1))(gate, up), jax.grad(plain, argnums=(0, 1))(gate, up)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    _, backward = jax.vjp(gelu_gated, gate, up)
+    assert [x.shape for x in jax.tree.leaves(backward)] == [gate.shape, up.shape]  # no saved tanh(...)
