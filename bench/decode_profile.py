@@ -33,6 +33,7 @@ from bench.generation_gpu import copy_bandwidth, random_model, tree_bytes  # noq
 
 from theworld_jax import attention, generation, sampling  # noqa: E402
 from theworld_jax.config.gemma3 import Gemma3Config  # noqa: E402
+from theworld_jax.modeling import gemma3_text  # noqa: E402
 from theworld_jax.modeling.gemma3 import Gemma3Model  # noqa: E402
 from theworld_jax.modeling.kv_cache import KVCache  # noqa: E402
 
@@ -45,6 +46,8 @@ VARIANTS = {
                    "xla_gpu_graph_min_graph_size": 1},  # graphs for the loop body's kernels, the loop on the host
     "cublas": {"xla_gpu_enable_triton_gemm": False},  # every matrix product through cuBLAS, none through Triton
     "einsum_logits": {},  # the library's code, its single-query logits as the einsum of longer queries (PATCHES)
+    "products_logits": {},  # ... the single-query products form at every batch size (PATCHES)
+    "no_twin": {},  # ... batch 1's token through the layers once, not as two copies (PATCHES)
 }
 
 
@@ -52,7 +55,14 @@ def _einsum_logits(q, k):
     return jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
 
 
-PATCHES = {"einsum_logits": (attention, "_query_key_logits", _einsum_logits)}  # variant -> (module, name, value)
+def _products_logits(q, k):  # q (B,1,K,G,H): one query per row
+    products = q[:, 0, :, :, None, :].astype(jnp.float32) * jnp.swapaxes(k, 1, 2)[:, :, None].astype(jnp.float32)
+    return jnp.sum(products, axis=-1)[:, :, :, None, :]
+
+
+PATCHES = {"einsum_logits": (attention, "_query_key_logits", _einsum_logits),  # variant -> (module, name, value)
+           "products_logits": (attention, "_query_key_logits", _products_logits),
+           "no_twin": (gemma3_text, "TWIN_ONE_TOKEN", False)}
 
 
 def ring_indices(slots: int, length: int, pad: int) -> np.ndarray:

@@ -27,6 +27,11 @@ REMAT_POLICIES = {
 }
 
 
+# One token (a decode step at batch 1) goes through the layers as two copies (Gemma3TextDecoder.__call__);
+# a switch for the benchmarks' A/B runs.
+TWIN_ONE_TOKEN = True
+
+
 def check_remat(remat: str) -> str:
     if remat not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {remat!r}; expected one of {list(REMAT_POLICIES)}")
@@ -138,7 +143,7 @@ class Gemma3TextDecoder(nnx.Module):
         (the H200's decode step: 873 -> 572 kernels). The token attends once (`twin`)."""
         self._check_inputs(embeds, positions, mask, cache, keep)
         prefilled = cache is not None and cache.prefilled
-        twin = embeds.shape[0] * embeds.shape[1] == 1 and keep is None
+        twin = TWIN_ONE_TOKEN and embeds.shape[0] * embeds.shape[1] == 1 and keep is None
 
         policy = REMAT_POLICIES[check_remat(remat)]
 
