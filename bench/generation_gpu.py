@@ -205,7 +205,7 @@ def run_sampling(args, model, spec, kw: dict, greedy: dict) -> dict:
         sample_kw = dict(kw, do_sample=True, temperature=1.0, **extra)
         decodings = [generation.start(model, batch, **sample_kw) for _ in range(args.repeats + 1)]
         log(f"theworld_jax B=1 sampling {name}: decode {args.new_tokens - 1} steps")
-        first, decode, times = timed(lambda: _advance_all(decodings.pop()), args.repeats)
+        _, first, decode, times = timed(lambda: _advance_all(decodings.pop()), repeats=args.repeats)
         step = decode / (args.new_tokens - 1)
         base = greedy[1]["decode_step_s"] if 1 in greedy else None
         out[name] = dict(decode_step_s=step, decode_all_s=times, greedy_step_s=base,
