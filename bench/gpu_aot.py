@@ -207,7 +207,9 @@ def census_report(text: str, layers: int) -> dict:
     outer = next((c for c in census["ENTRY"]["inner"] if census[c]["role"] == "while body"), None)
     step = expanded(census, outer) if outer else None
     copied = expanded(census, outer, "copy_bytes") if outer else None
-    return dict(computations={k: {f: v for f, v in c.items() if f != "inner"} for k, c in census.items()},
+    call, call_copied = expanded(census, "ENTRY"), expanded(census, "ENTRY", "copy_bytes")
+    return dict(per_call=dict(call), per_call_kernels=sum(call.values()), per_call_copy_bytes=dict(call_copied),
+                computations={k: {f: v for f, v in c.items() if f != "inner"} for k, c in census.items()},
                 per_step=dict(step) if step else None, per_step_kernels=sum(step.values()) if step else None,
                 per_step_per_layer=sum(step.values()) / layers if step else None,
                 per_step_copy_bytes=dict(copied) if copied else None)
@@ -215,7 +217,11 @@ def census_report(text: str, layers: int) -> dict:
 
 def summary(name: str, report: dict) -> str:
     """A few lines: the kernels of the entry and of one iteration of the outermost loop, by kind."""
-    lines = [f"{name}: entry {report['computations']['ENTRY']['kinds']}"]
+    lines = [f"{name}: entry {report['computations']['ENTRY']['kinds']}",
+             f"  one call, loops run their known trip counts (unknown: once): {report['per_call_kernels']} kernels: "
+             + ", ".join(f"{k} {v}" for k, v in sorted(report["per_call"].items(), key=lambda kv: -kv[1])),
+             "  copied in one call: " + ", ".join(f"{k} {v / 2**20:.1f} MiB"
+                                                 for k, v in report["per_call_copy_bytes"].items())]
     if report["per_step"]:
         lines.append(f"  per loop iteration: {report['per_step_kernels']} kernels "
                      f"({report['per_step_per_layer']:.1f} per layer): "
