@@ -92,7 +92,7 @@ def census(text: str, vocab: str = "262208") -> tuple[dict, int]:
 
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([\w\-]+)\((.*)$")
 _CALLS = re.compile(r"(?:calls|to_apply|body|condition|true_computation|false_computation)=%([\w.\-]+)")
-COPY_KINDS = ("copy", "fusion (dynamic-slice)", "fusion (slice)", "fusion (copy/transpose)")  # kernels that only move bytes
+COPY_KINDS = ("copy", "fusion (dynamic-slice)", "fusion (slice)", "fusion (concatenate)", "fusion (copy/transpose)")  # kernels that only move bytes
 NOT_LAUNCHED = SKIP | {"after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency", "domain"}
 
 
@@ -139,6 +139,8 @@ def kernel_kind(op: str, rest: str, name: str, fused: dict[str, list[str]]) -> s
             return "fusion (dynamic-slice)"
         if " slice(" in root:
             return "fusion (slice)"
+        if " concatenate(" in root:
+            return "fusion (concatenate)"
         if re.search(r" copy\(|transpose\(", root) and "kind=kLoop" in rest:
             return "fusion (copy/transpose)"
         return "fusion"
