@@ -14,8 +14,8 @@ measured best (same kernel count, other tiles), and nothing that needs a timing 
 
     # CUDA-plugin venv (bench/README.md): jax[cuda13]==0.11.2 on Python 3.12
     python -m bench.gpu_aot smoke                    # x * x and a matrix product: prints the optimized HLO
-    python -m bench.gpu_aot decode --batch 1 --out /tmp/aot
-    python -m bench.gpu_aot decode --batch 8 --sampling --xla-flag xla_gpu_enable_triton_gemm=false --out /tmp/aot
+    python -m bench.gpu_aot decode --batch 1 --out aot_out
+    python -m bench.gpu_aot decode --batch 8 --sampling --xla-flag xla_gpu_enable_triton_gemm=false --out aot_out
     python -m bench.gpu_aot --census bench/results/decode_hlo_s3_final_B1_h200.txt.gz   # any HLO text, any venv
 """
 
