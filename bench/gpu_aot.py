@@ -27,6 +27,7 @@ import gzip
 import json
 import os
 import time
+from unittest import mock
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the H200 is a compile-only topology, not a backend
 
@@ -170,6 +171,17 @@ def train(args):
     return step.step, (trainable, jax.eval_shape(optimizer.init, trainable), split.frozen, batch)
 
 
+def _as_on_the_card(sharding) -> dict:
+    """Patches for tracing as on the GPU: the library picks cuDNN attention when jax.default_backend() is
+    "gpu", and jax.nn's cuDNN attention checks the compute capability of a local GPU (jax internals)."""
+    capability = tuple(int(x) for x in sharding.mesh.devices.flat[0].compute_capability.split("."))
+    version = lambda c: tuple(int(x) for x in c.split("."))  # noqa: E731
+    attention = "jax._src.cudnn.fused_attention_stablehlo"
+    return {"jax.default_backend": lambda: "gpu",
+            f"{attention}.check_compute_capability": lambda c: capability >= version(c),
+            f"{attention}.is_cuda_compute_capability_equal": lambda c: capability == version(c)}
+
+
 def compile_program(args) -> tuple[str, dict]:
     """(optimized HLO text, record) of program `args.program` compiled for the H200 target."""
     import jax
@@ -184,6 +196,8 @@ def compile_program(args) -> tuple[str, dict]:
     program, arguments = globals()[args.program](args)
     patch = getattr(decode_profile, "PATCHES", {}).get(args.variant)  # older versions had none
     with contextlib.ExitStack() as stack:
+        for target, value in _as_on_the_card(sharding).items():
+            stack.enter_context(mock.patch(target, value))
         if patch:
             saved = getattr(patch[0], patch[1])
             setattr(patch[0], patch[1], patch[2])
