@@ -9,8 +9,9 @@ of a 4,400-token text prompt, `forward` and `train` `bench.theworld_speed_gpu`'s
 and `bench.train_gpu`'s launcher step (theworld_jax.train.step.TrainStep, projector only). Written under
 --out: the optimized HLO (gzipped) and the kernel census (`bench.hlo_census.kernel_census`).
 
-Without the card XLA does not autotune: GEMMs take the default Triton tile config instead of the
-measured best (same kernel count, other tiles), and nothing that needs a timing run is decided by one.
+Without the card XLA does not autotune: every GEMM is a Triton fusion with the default tiles (the card
+picks cuBLAS for most large GEMMs: `--xla-flag xla_gpu_enable_triton_gemm=false` for prefill, forward,
+train), fusions keep the native emitter, sorts XLA's own kernels (bench/README.md, caveats).
 
     # CUDA-plugin venv (bench/README.md): jax[cuda13]==0.11.2 on Python 3.12
     python -m bench.gpu_aot smoke                    # x * x and a matrix product: prints the optimized HLO
