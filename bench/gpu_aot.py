@@ -189,7 +189,9 @@ def compile_program(args) -> tuple[str, dict]:
 
     from bench import decode_profile
 
-    options = dict(decode_profile.VARIANTS.get(args.variant, {}))
+    if args.variant not in decode_profile.VARIANTS:
+        raise SystemExit(f"--variant {args.variant!r} is not one of bench.decode_profile's {sorted(decode_profile.VARIANTS)}")
+    options = dict(decode_profile.VARIANTS[args.variant])
     for flag in args.xla_flag:
         name, _, value = flag.partition("=")
         options[name.lstrip("-")] = {"true": True, "false": False}.get(value.lower(), value)
