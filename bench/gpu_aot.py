@@ -161,7 +161,8 @@ def train(args):
                            **model_lib._world_settings(config.model))
     model = nnx.eval_shape(lambda: TheWorldModel.create(world, gemma, vae, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
     split = model_lib.split_trainable(model, model_lib.trainable_paths(model, world))
-    trainable = {param_path(p): jax.ShapeDtypeStruct(v.shape, jnp.float32) for p, v in nnx.to_flat_state(split.template)}
+    trainable = {param_path(p): jax.ShapeDtypeStruct(v.shape, jnp.float32)
+                 for p, v in nnx.to_flat_state(split.template)}
     optimizer = make_optimizer(config.optimizer, 10, trainable)
     theworld = types.SimpleNamespace(gemma_config=gemma, config=world, num_world_tokens=lambda frames: 4096)
     step = TrainStep(split, optimizer, layout=model_lib.attention_layout(theworld), remat=config.model.remat)
@@ -190,7 +191,8 @@ def compile_program(args) -> tuple[str, dict]:
     from bench import decode_profile
 
     if args.variant not in decode_profile.VARIANTS:
-        raise SystemExit(f"--variant {args.variant!r} is not one of bench.decode_profile's {sorted(decode_profile.VARIANTS)}")
+        raise SystemExit(f"--variant {args.variant!r} is not one of bench.decode_profile's "
+                         f"{sorted(decode_profile.VARIANTS)}")
     options = dict(decode_profile.VARIANTS[args.variant])
     for flag in args.xla_flag:
         name, _, value = flag.partition("=")

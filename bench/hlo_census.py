@@ -92,7 +92,8 @@ def census(text: str, vocab: str = "262208") -> tuple[dict, int]:
 
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([\w\-]+)\((.*)$")
 _CALLS = re.compile(r"(?:calls|to_apply|body|condition|true_computation|false_computation)=%([\w.\-]+)")
-COPY_KINDS = ("copy", "fusion (dynamic-slice)", "fusion (slice)", "fusion (concatenate)", "fusion (copy/transpose)")  # kernels that only move bytes
+# kernels that only move bytes
+COPY_KINDS = ("copy", "fusion (dynamic-slice)", "fusion (slice)", "fusion (concatenate)", "fusion (copy/transpose)")
 NOT_LAUNCHED = SKIP | {"after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency", "domain"}
 
 
@@ -206,7 +207,8 @@ def kernel_census(text: str, layers: int = 0) -> dict:
                 root = _INSTRUCTION.match(root)
                 copied[kind] += nbytes(root.group(2) if root else m.group(2))
             if m.group(3) in ("while", "call", "conditional"):
-                inner += [c for c in re.findall(r"(?:body|condition|to_apply)=%([\w.\-]+)", m.group(4)) if c in launching]
+                inner += [c for c in re.findall(r"(?:body|condition|to_apply)=%([\w.\-]+)", m.group(4))
+                          if c in launching]
         out[name] = dict(role=role, trip_count=trip, kinds=dict(kinds), kernels=sum(kinds.values()),
                          copy_bytes=dict(copied), inner=inner)
         if layers and role == "while body":
