@@ -1,4 +1,5 @@
-"""Census of one decode step from a compiled program's HLO text (as `decode_profile.py` writes it).
+"""Census of one decode step from a compiled program's HLO text (as `decode_profile.py` writes it), and
+(`kernel_census`, used by `bench/gpu_aot.py`) the kernels every computation of any program launches.
 
 Lists the kernels of the while loop's body (every instruction but parameters, tuples, bitcasts and
 constants), grouped by what they compute (read from the op metadata and shapes), with the bytes each
@@ -113,6 +114,13 @@ def computations(text: str) -> dict[str, list[str]]:
     return out
 
 
+def _root(rest: str, computations: dict[str, list[str]]) -> str:
+    """The ROOT line of the computation an instruction calls (`rest`: its text after the opcode), or ""."""
+    callee = _CALLS.search(rest)
+    lines = computations.get(callee.group(1), []) if callee else []
+    return next((line for line in lines if line.lstrip().startswith("ROOT")), "")
+
+
 def kernel_kind(op: str, rest: str, name: str, fused: dict[str, list[str]]) -> str | None:
     """What one instruction of a launching computation runs on the GPU (None: nothing, a view or a
     constant). Fusions by their emitter; custom calls by target; copies; control flow."""
@@ -130,8 +138,7 @@ def kernel_kind(op: str, rest: str, name: str, fused: dict[str, list[str]]) -> s
         if emitter in ("__custom_fusion", "__dynamic_memcpy") or "address_computation" in emitter \
                 or "dynamic_slice" in emitter:
             return f"custom fusion {emitter}"
-        callee = _CALLS.search(rest)
-        root = next((l for l in fused.get(callee.group(1), []) if l.lstrip().startswith("ROOT")), "") if callee else ""
+        root = _root(rest, fused)
         if " dynamic-update-slice(" in root or "dynamic_update_slice" in name:
             return "fusion (dynamic-update-slice)"
         if " scatter(" in root:
@@ -161,10 +168,10 @@ def kernel_kind(op: str, rest: str, name: str, fused: dict[str, list[str]]) -> s
 
 
 def kernel_census(text: str, layers: int = 0) -> dict:
-    """Kernels per launching computation (the entry, while bodies and conditions, conditional branches):
-    {name: {"role", "trip_count", "kinds": {kind: count}, "kernels"}}, and "per_step": the outermost while
-    body's kernels with the loops inside it expanded by their known trip counts (None trip count: 1).
-    With `layers`, each body's count divided by it too ("per_layer")."""
+    """Kernels per launching computation (the entry, while bodies and conditions, conditional branches,
+    called computations): {name: {"role", "trip_count" (XLA's known_trip_count of a while body, or None),
+    "kinds": {kind: count}, "kernels", "copy_bytes": {copy kind: bytes written}, "inner": the launching
+    computations it runs}}; with `layers`, a while body's count per layer too ("per_layer")."""
     comps = computations(text)
     launching = {"ENTRY": ("entry", None)}
     for lines in comps.values():
@@ -179,13 +186,10 @@ def kernel_census(text: str, layers: int = 0) -> dict:
                 launching[body] = ("while body", int(trip.group(1)) if trip else None)
                 launching[cond] = ("while condition", None)
             elif op == "conditional":
-                for branch in re.findall(r"%([\w.\-]+)", (re.search(r"branch_computations=\{([^}]*)\}", rest)
-                                                          or re.search(r"()", rest)).group(1)):
-                    launching[branch] = ("conditional branch", None)
-                for k in ("true_computation", "false_computation"):
-                    found = re.search(rf"{k}=%([\w.\-]+)", rest)
-                    if found:
-                        launching[found.group(1)] = ("conditional branch", None)
+                branches = re.search(r"branch_computations=\{([^}]*)\}", rest)
+                names = re.findall(r"%([\w.\-]+)", branches.group(1)) if branches else []
+                names += re.findall(r"(?:true|false)_computation=%([\w.\-]+)", rest)
+                launching.update({branch: ("conditional branch", None) for branch in names})
             elif op == "call":
                 callee = re.search(r"to_apply=%([\w.\-]+)", rest)
                 if callee:
@@ -200,11 +204,8 @@ def kernel_census(text: str, layers: int = 0) -> dict:
             kind = kernel_kind(m.group(3), m.group(4), m.group(1), comps)
             if kind:
                 kinds[kind] += 1
-            if kind and kind.removesuffix(" async") in COPY_KINDS:
-                callee = _CALLS.search(m.group(4))
-                root = next((r for r in comps.get(callee.group(1), []) if r.lstrip().startswith("ROOT")), "") \
-                    if callee else ""
-                root = _INSTRUCTION.match(root)
+            if kind and kind.removesuffix(" async") in COPY_KINDS:  # bytes written: the fused root's shape
+                root = _INSTRUCTION.match(_root(m.group(4), comps))
                 copied[kind] += nbytes(root.group(2) if root else m.group(2))
             if m.group(3) in ("while", "call", "conditional"):
                 inner += [c for c in re.findall(r"(?:body|condition|to_apply)=%([\w.\-]+)", m.group(4))
