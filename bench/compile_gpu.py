@@ -196,7 +196,7 @@ def decode_census(decoding, min_bytes: int) -> dict:
     try:
         bound = decoding._decode
         values = [v.get_value() for v in bound._variables]
-        state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), decoding._state)
+        state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), decoding.state)
         lowered = bound._jitted.lower(values, state, jax.numpy.int32(2), *decoding._dynamic, **decoding._static)
         return {**copy_census(lowered.compile().as_text(), min_bytes), "min_bytes": min_bytes}
     except Exception as err:  # noqa: BLE001 - a census is optional

@@ -170,7 +170,7 @@ def run_jax(args, config) -> dict:
         log(f"theworld_jax B={b}: prefill")
         _, p_first, prefill, p_all = timed(lambda: generation.start(model, batch, **kw), repeats=args.repeats)
         decodings = [generation.start(model, batch, **kw) for _ in range(args.repeats + 1)]
-        cache_bytes = tree_bytes(decodings[0]._state.cache)
+        cache_bytes = tree_bytes(decodings[0].state.cache)
         log(f"theworld_jax B={b}: decode {args.new_tokens - 1} steps")
         _, d_first, decode, d_all = timed(lambda: _advance_all(decodings.pop()), repeats=args.repeats)
         step = decode / (args.new_tokens - 1)

@@ -190,11 +190,11 @@ def jax_side(z, parts, repeats, remat8):
             trace_call(lambda: fwd(state, x, *args), wait, f"forward_{name}")
         ids = np.random.RandomState(1).randint(*z["text"], (1, z["prompt"]))
         prompt = Batch(input_ids=ids.astype(np.int32), attention_mask=np.ones(ids.shape, np.int32))
-        first, s = med(lambda: start(model.gemma, prompt, max_new_tokens=1)._state.tokens, wait, 1,
+        first, s = med(lambda: start(model.gemma, prompt, max_new_tokens=1).state.tokens, wait, 1,
                        repeats)
         out["prefill_b1_ms"], out["prefill_b1_first_s"] = s * 1e3, first
         log(f"jax prefill: {s * 1e3:.1f} ms (first {first:.1f} s)")
-        trace_call(lambda: start(model.gemma, prompt, max_new_tokens=1)._state.tokens, wait, "prefill")
+        trace_call(lambda: start(model.gemma, prompt, max_new_tokens=1).state.tokens, wait, "prefill")
     if "train" in parts:
         trainable = lambda path, value: "world_projector" in path  # noqa: E731
         tx = optax.adamw(1e-5)

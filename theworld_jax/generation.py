@@ -149,6 +149,11 @@ class Decoding:
             self.finished = self.produced >= self.max_new_tokens or bool(np.all(np.asarray(self._state.done)))
         return self.new_tokens()[:, before:]
 
+    @property
+    def state(self) -> DecodeState:
+        """The decode loop's state on the device (cache, tokens so far, ...); `advance` replaces it."""
+        return self._state
+
     def new_tokens(self) -> np.ndarray:
         """(B, n) the tokens produced so far (pad_token_id after a row's eos)."""
         return np.asarray(self._state.tokens)[:, :self.produced]
