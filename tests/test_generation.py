@@ -300,6 +300,7 @@ def test_stream_text_yields_pieces_as_tokens_come(tiny, text_inputs):
     pieces = list(generation.stream_text(decoding, IdText, chunk=3))
     new = decoding.new_tokens()[0].tolist()
     assert len(new) == MAX_NEW
+    assert int(decoding.state.step) == MAX_NEW and decoding.state.tokens[0, :MAX_NEW].tolist() == new
     assert pieces == [IdText.decode(new[:1])] + [IdText.decode(new[i:i + 3]) for i in range(1, MAX_NEW, 3)]
 
 
