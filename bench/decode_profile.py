@@ -55,13 +55,8 @@ def _einsum_logits(q, k):
     return jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
 
 
-def _products_logits(q, k):  # q (B,1,K,G,H): one query per row
-    products = q[:, 0, :, :, None, :].astype(jnp.float32) * jnp.swapaxes(k, 1, 2)[:, :, None].astype(jnp.float32)
-    return jnp.sum(products, axis=-1)[:, :, :, None, :]
-
-
 PATCHES = {"einsum_logits": (attention, "_query_key_logits", _einsum_logits),  # variant -> (module, name, value)
-           "products_logits": (attention, "_query_key_logits", _products_logits),
+           "products_logits": (attention, "_query_key_logits", attention._single_query_logits),
            "no_twin": (gemma3_text, "TWIN_ONE_TOKEN", False)}
 
 

@@ -216,6 +216,11 @@ def _query_key_logits(q: jax.Array, k: jax.Array) -> jax.Array:
     stays, since the products may read each cached key once per query head of its group.
     """
     if q.shape[0] * q.shape[1] == 1:
-        products = q[:, 0, :, :, None, :].astype(jnp.float32) * jnp.swapaxes(k, 1, 2)[:, :, None].astype(jnp.float32)
-        return jnp.sum(products, axis=-1)[:, :, :, None, :]
+        return _single_query_logits(q, k)
     return jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+
+
+def _single_query_logits(q: jax.Array, k: jax.Array) -> jax.Array:
+    """q (B,1,K,G,H), k (B,S,K,H) -> (B,K,G,1,S) float32: products summed over H, the keys minor-most."""
+    products = q[:, 0, :, :, None, :].astype(jnp.float32) * jnp.swapaxes(k, 1, 2)[:, :, None].astype(jnp.float32)
+    return jnp.sum(products, axis=-1)[:, :, :, None, :]
