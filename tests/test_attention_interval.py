@@ -77,6 +77,61 @@ def test_interval_path_gradients_equal_oracle(seed, window):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=5e-6, rtol=1e-5, err_msg=f"d{name}")
 
 
+def _right_padded(seed: int):
+    """A _random_batch whose rows all begin at position 0 (right padding only)."""
+    attention_mask, types = _random_batch(seed)
+    for row in range(attention_mask.shape[0]):
+        count = int(attention_mask[row].sum())
+        attention_mask[row] = np.arange(attention_mask.shape[1]) < count
+    return attention_mask, types
+
+
+@pytest.mark.parametrize("seed,window", [(0, None), (1, 5)])
+def test_without_left_padding_equals_oracle_outputs_and_gradients(seed, window):
+    attention_mask, types = _right_padded(seed)
+    mask = make_attention_mask(attention_mask, types)
+    assert mask.layout.left_padding is False
+    q, k, v = _qkv(seed, *attention_mask.shape)
+    real = attention_mask.astype(bool)
+    out, ref = np.asarray(_interval(mask, window)(q, k, v)), np.asarray(_oracle(mask, window)(q, k, v))
+    np.testing.assert_allclose(out[real], ref[real], atol=2e-6, rtol=1e-5)
+    np.testing.assert_array_equal(out[~real], 0.0)
+    cotangent = jax.random.normal(jax.random.PRNGKey(9), q.shape) * attention_mask[:, :, None, None]
+
+    def grads(fn):
+        return jax.jit(jax.grad(lambda *x: jnp.sum(fn(*x) * cotangent), argnums=(0, 1, 2)))(q, k, v)
+
+    for ours, theirs, name in zip(grads(_interval(mask, window)), grads(_oracle(mask, window)), "qkv"):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=5e-6, rtol=1e-5, err_msg=f"d{name}")
+
+
+def _row_copies(mask, t: int) -> int:
+    """dynamic_slice ops of interval_attention that cut a row out of a (T + 2 * padded T) buffer: the rolls."""
+    q, k, v = _qkv(0, mask.k_valid.shape[0], t)
+    jaxpr = jax.make_jaxpr(lambda *x: interval_attention(*x, mask, window=None, scale=SCALE, backend="xla",
+                                                         multiple=16))(q, k, v)
+    rolled = t + 2 * -(-t // 16) * 16
+    return sum(1 for e in jaxpr.jaxpr.eqns
+               if e.primitive.name == "dynamic_slice" and e.invars[0].aval.shape[1] == rolled)
+
+
+def test_a_layout_without_left_padding_attends_in_place():
+    attention_mask, types = _right_padded(2)
+    mask = make_attention_mask(attention_mask, types)
+    left = dataclasses.replace(mask, layout=dataclasses.replace(mask.layout, left_padding=True))
+    t = attention_mask.shape[1]
+    assert _row_copies(left, t) > 0
+    assert _row_copies(mask, t) == 0
+
+
+def test_a_left_padded_row_under_a_layout_without_left_padding_gets_nan():
+    attention_mask = np.ones((2, 24), np.int32)
+    attention_mask[1, :3] = 0
+    mask = dataclasses.replace(make_attention_mask(attention_mask), layout=Layout((), left_padding=False))
+    bad = np.isnan(np.asarray(_interval(mask, None)(*_qkv(6, 2, 24)))).any(axis=(1, 2, 3))
+    np.testing.assert_array_equal(bad, [False, True])
+
+
 def test_bidirectional_world_block_longer_than_the_window():
     """One long block (the world, bidirectional) plus a short one (an image), rows shifted by padding."""
     attention_mask = np.ones((2, 50), np.int32)
@@ -111,6 +166,11 @@ def test_block_layout_from_host_values():
     assert block_layout(types, mask, multiple=1) == Layout((3, 2, 1))
     assert block_layout(types, mask, extra_blocks=(20,), multiple=8) == Layout((24, 8, 8, 8))
     assert block_layout(None, mask) == Layout(())
+    assert block_layout(types, mask).left_padding  # row 1 begins with padding
+    right = np.ones_like(types)
+    right[1, 8:] = 0
+    assert not block_layout(types, right).left_padding
+    assert block_layout(types, None).left_padding  # unknown: assume left padding
     layouts = []
     jax.eval_shape(lambda t: layouts.append(make_attention_mask(jnp.ones((1, 4)), t).layout), jnp.zeros((1, 4)))
     assert layouts == [None]  # traced token_type_ids, no bound given: the XLA path

@@ -38,9 +38,13 @@ class Layout:
     each row are contiguous (left and/or right padding), and the bidirectional blocks of a row, longest
     first, fit `blocks`: the r-th longest has at most blocks[r] tokens (descending). The fast path checks
     these facts on the device; a row that breaks them gets NaN outputs, never silently wrong ones.
+
+    left_padding False: every row's real tokens also begin at position 0 (right padding or none, as in
+    training batches), so the fast path attends in place instead of rolling each row to its first token.
     """
 
     blocks: tuple[int, ...] = ()
+    left_padding: bool = True
 
     def __post_init__(self):
         if any(b < 1 for b in self.blocks) or list(self.blocks) != sorted(self.blocks, reverse=True):
@@ -93,8 +97,9 @@ def block_layout(token_type_ids, attention_mask=None, *, extra_blocks: tuple[int
                  multiple: int = 8) -> Layout | None:
     """The `Layout` of a batch from host values: the runs of token_type_ids == 1 (on real tokens when
     attention_mask is a host value too), plus `extra_blocks` that every row gains (e.g. the bidirectional
-    world block), lengths rounded up to `multiple`. token_type_ids None: no blocks. None when
-    token_type_ids is traced (then only the caller knows a bound)."""
+    world block), lengths rounded up to `multiple`; left_padding False when a host attention_mask shows
+    every row starting at position 0. token_type_ids None: no blocks. None when token_type_ids is traced
+    (then only the caller knows a bound)."""
     rows: list[list[int]] = [[]]
     if token_type_ids is not None:
         if not _is_concrete(token_type_ids):
@@ -110,7 +115,15 @@ def block_layout(token_type_ids, attention_mask=None, *, extra_blocks: tuple[int
             if r == len(slots):
                 slots.append(0)
             slots[r] = max(slots[r], -(-n // multiple) * multiple)
-    return Layout(tuple(slots))
+    return Layout(tuple(slots), left_padding=not _starts_at_zero(attention_mask))
+
+
+def _starts_at_zero(attention_mask) -> bool:
+    """Whether a host (B, L) attention_mask's rows all begin with a real token (rows of padding only too)."""
+    if attention_mask is None or not _is_concrete(attention_mask):
+        return False
+    mask = np.asarray(attention_mask) != 0
+    return bool(np.all(mask[:, 0] | ~mask.any(axis=1)))
 
 
 def make_attention_mask(attention_mask: jax.Array, token_type_ids: jax.Array | None = None, *,

@@ -172,13 +172,13 @@ def with_keep(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
 
 def attention_layout(theworld):
     """The fast attention path's static bound for training rows (one image each, plus the world block
-    when world attention is bidirectional): one compile whatever the batch."""
+    when world attention is bidirectional; right padded, so no left padding): one compile whatever the batch."""
     from theworld_jax.attention import Layout
 
     blocks = [theworld.gemma_config.mm_tokens_per_image]
     if theworld.config.enable_world and theworld.config.world_attention == "bidirectional":
         blocks.append(theworld.num_world_tokens(1))
-    return Layout(tuple(sorted((-(-n // 8) * 8 for n in blocks), reverse=True)))
+    return Layout(tuple(sorted((-(-n // 8) * 8 for n in blocks), reverse=True)), left_padding=False)
 
 
 def extra_tokens(theworld) -> int:
