@@ -6,7 +6,8 @@ is compiled. For each compiler-option variant and batch: the loop's time per ste
 runs of --steps - 1 steps), and with --trace the GPU kernels of one run from a jax.profiler trace,
 summed per HLO op (`hlo_op` of each kernel) and written with the optimized HLO text, so each op can be
 looked up. Also the copy bandwidth (the roofline's denominator) and, with --sampling, the cost of
-`sampling.choose` alone on (B, V) logits.
+`sampling.choose` alone on (B, V) logits, and with --generate the same decode through `generate`
+(`Decoding.advance` after a real prefill) in the same process.
 
     python -m bench.decode_profile --out /tmp/profile --label after --trace      # on a GPU
     python -m bench.decode_profile --tiny --out /tmp/profile --trace             # CPU, tiny config
@@ -181,6 +182,49 @@ def time_sampling(args, vocab: int) -> list[dict]:
     return out
 
 
+def time_generate(args, model, cfg, batch: int, out_dir: str) -> dict:
+    """generate's own decode in this process: `Decoding.advance()` over --steps - 1 steps after a real
+    prefill of --prompt-len tokens (the same `generation._decode` program as the loop variants, with the
+    host's call around it), so the two can be compared without a second process or lease between them."""
+    from bench.generation_gpu import prompt_ids
+    from theworld_jax.inputs import InputSpec, prepare_batch
+
+    prepared = prepare_batch(InputSpec(cfg, dtype=jnp.bfloat16),
+                             prompt_ids(batch, args.prompt_len, cfg.text.bos_token_id, args.tiny, 0))
+
+    def prefilled() -> generation.Decoding:
+        decoding = generation.start(model, prepared, max_new_tokens=args.steps, eos_token_id=())
+        jax.block_until_ready(decoding.state)
+        return decoding
+
+    times = []
+    for _ in range(args.repeats + 1):
+        decoding = prefilled()
+        t0 = time.perf_counter()
+        decoding.advance()
+        times.append(time.perf_counter() - t0)
+        if decoding.produced != args.steps:
+            raise RuntimeError(f"generate stopped after {decoding.produced} tokens, expected {args.steps}")
+    step_s = statistics.median(times[1:]) / (args.steps - 1)
+    record = dict(batch=batch, variant="generate", label=args.label, first_s=times[0], runs_s=times[1:],
+                  step_s=step_s, cache_bytes=tree_bytes(prefilled().state.cache))
+    if args.trace:
+        decoding = prefilled()
+        with tempfile.TemporaryDirectory() as trace_dir:
+            with jax.profiler.trace(trace_dir):
+                decoding.advance()
+            table = kernel_table(trace_dir)
+        with open(os.path.join(out_dir, f"kernels_{args.label}_generate_B{batch}.json"), "w") as f:
+            json.dump(table, f, indent=1)
+        n = args.steps - 1
+        record.update(kernels_per_step=table["kernel_count"] / n, kernel_ms_per_step=table["kernels_ns"] / n / 1e6,
+                      span_ms_per_step=table["span_ns"] / n / 1e6)
+    log(f"{args.label}_generate_B{batch}: {1e3 * step_s:.3f} ms/step (first call {times[0]:.1f} s)"
+        + (f", kernels {record['kernel_ms_per_step']:.3f} ms/step ({record['kernels_per_step']:.0f} per step), "
+           f"span {record['span_ms_per_step']:.3f}" if args.trace else ""))
+    return record
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
@@ -193,6 +237,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--trace", action="store_true", help="trace one run of each and sum its kernels")
     parser.add_argument("--sampling", action="store_true", help="also time sampling.choose alone")
+    parser.add_argument("--generate", action="store_true",
+                        help="also time generate's decode (Decoding.advance after a real prefill) per batch")
     parser.add_argument("--bandwidth", action="store_true", help="also measure the copy bandwidth")
     parser.add_argument("--budget-s", type=float, default=240.0,
                         help="start no new (variant, batch) after this many seconds of decode work")
@@ -235,6 +281,9 @@ def main(argv=None) -> int:
                     setattr(patch[0], patch[1], saved)
             with open(os.path.join(args.out, f"profile_{args.label}.json"), "w") as f:
                 json.dump(report, f, indent=1)
+    if args.generate:
+        for batch in args.batches:
+            report["decode"].append(time_generate(args, model, cfg, batch, args.out))
     if args.sampling:
         report["sampling"] = time_sampling(args, cfg.text.vocab_size)
     with open(os.path.join(args.out, f"profile_{args.label}.json"), "w") as f:
