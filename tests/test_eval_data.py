@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from theworld_jax.evaluate import convert
-from theworld_jax.evaluate.data import Item, load_items, open_images
+from theworld_jax.evaluate.data import load_items, open_images
 from theworld_jax.evaluate.runner import Generator
 
 
