@@ -46,6 +46,7 @@ VARIANTS = {
     "graph_body": {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL",
                    "xla_gpu_graph_min_graph_size": 1},  # graphs for the loop body's kernels, the loop on the host
     "cublas": {"xla_gpu_enable_triton_gemm": False},  # every matrix product through cuBLAS, none through Triton
+    "exhaustive": {"xla_gpu_exhaustive_tiling_search": True},  # the autotuner tries every Triton GEMM tiling
     "einsum_logits": {},  # the library's code, its single-query logits as the einsum of longer queries (PATCHES)
     "products_logits": {},  # ... the single-query products form at every batch size (PATCHES)
     "no_twin": {},  # ... batch 1's token through the layers once, not as two copies (PATCHES)
