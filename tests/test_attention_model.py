@@ -77,3 +77,39 @@ def test_remat_policies_give_the_same_gradients(tmp_path):
             assert float(jnp.linalg.norm(ours - theirs) / jnp.linalg.norm(theirs)) < 1e-5, remat
     with pytest.raises(ValueError, match="unknown remat policy"):
         decoder(decoder.embed(ids), positions=positions, mask=mask, remat="most")
+
+
+def test_right_padded_rows_through_the_fast_path_equal_the_oracle(world, monkeypatch):
+    """Right-padded rows (as the training launcher pads them): TheWorld learns from the host mask that no row
+    is left padded, and the decoder's fast attention path (its logic run through jax.nn's XLA backend,
+    in place of cuDNN) gives the XLA oracle's logits."""
+    from theworld_jax import attention, interval_attention
+
+    texts = ["<bos>Hello <start_of_image> what is this?", "<bos>A cat <start_of_image> sits on a red chair"]
+    images = [[Image.fromarray(np.full((40, 50, 3), 60 * i, np.uint8))] for i in (1, 2)]
+    enc = dict(world.processor(text=texts, images=images, padding=True, return_tensors="np"))
+    pads = (enc["attention_mask"] == 0).sum(axis=1)
+    for name in ("input_ids", "attention_mask", "token_type_ids"):  # the left padding moved to the right
+        enc[name] = np.stack([np.roll(row, -int(p)) for row, p in zip(enc[name], pads)])
+    assert pads.max() > 0 and (enc["attention_mask"][:, 0] == 1).all()
+    clips = [np.random.RandomState(i).randint(0, 256, (48, 40, 3), np.uint8) for i in range(2)]
+    oracle = world(**enc, images=clips)
+
+    layouts = []
+    interval = interval_attention.interval_attention
+
+    def on_xla(q, k, v, mask, *, backend, **kw):
+        layouts.append(mask.layout)
+        return interval(q, k, v, mask, backend="xla", **kw)
+
+    text = world.gemma_config.text
+    decoder_queries = (text.num_attention_heads, text.head_dim)  # not SigLIP's or the VAE's
+    monkeypatch.setattr(attention, "cudnn_supports", lambda q: tuple(q.shape[2:]) == decoder_queries)
+    monkeypatch.setattr(interval_attention, "interval_attention", on_xla)
+    jax.clear_caches()
+    fast = world(**enc, images=clips)
+    jax.clear_caches()
+    assert layouts and not any(layout.left_padding for layout in layouts)
+    real = np.asarray(oracle.attention_mask).astype(bool)
+    ref = np.asarray(oracle.logits)[real]
+    np.testing.assert_allclose(np.asarray(fast.logits)[real], ref, rtol=0, atol=1e-4 * max(1.0, np.abs(ref).max()))
