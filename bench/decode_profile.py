@@ -137,19 +137,32 @@ def time_decode(args, graphdef, params, cfg, batch: int, variant: str, out_dir: 
                   runs_s=times[1:], step_s=step_s, cache_bytes=cache_bytes)
     if args.trace:
         state = jax.block_until_ready(make(99))
-        with tempfile.TemporaryDirectory() as trace_dir:
-            with jax.profiler.trace(trace_dir):
-                jax.block_until_ready(compiled(params, state, *dyn))
-            table = kernel_table(trace_dir)
-        with open(os.path.join(out_dir, f"kernels_{tag}.json"), "w") as f:
-            json.dump(table, f, indent=1)
-        n = args.steps - 1
-        record.update(kernels_per_step=table["kernel_count"] / n, kernel_ms_per_step=table["kernels_ns"] / n / 1e6,
-                      span_ms_per_step=table["span_ns"] / n / 1e6)
-    log(f"{tag}: {1e3 * step_s:.3f} ms/step (compile {compile_s:.1f} s)"
-        + (f", kernels {record['kernel_ms_per_step']:.3f} ms/step ({record['kernels_per_step']:.0f} per step), "
-           f"span {record['span_ms_per_step']:.3f}" if args.trace else ""))
+        record.update(trace_kernels(lambda: jax.block_until_ready(compiled(params, state, *dyn)), args.steps,
+                                    os.path.join(out_dir, f"kernels_{tag}.json")))
+    log(f"{tag}: {1e3 * step_s:.3f} ms/step (compile {compile_s:.1f} s){kernel_summary(record)}")
     return record
+
+
+def trace_kernels(run, steps: int, path: str) -> dict:
+    """One traced `run()` (a decode of `steps` - 1 steps that blocks until done): its kernel table written
+    to `path`; returns kernels_per_step, kernel_ms_per_step, span_ms_per_step."""
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            run()
+        table = kernel_table(trace_dir)
+    with open(path, "w") as f:
+        json.dump(table, f, indent=1)
+    n = steps - 1
+    return dict(kernels_per_step=table["kernel_count"] / n, kernel_ms_per_step=table["kernels_ns"] / n / 1e6,
+                span_ms_per_step=table["span_ns"] / n / 1e6)
+
+
+def kernel_summary(record: dict) -> str:
+    """", kernels ... per step" for a log line when `record` has a trace, else ""."""
+    if "kernels_per_step" not in record:
+        return ""
+    return (f", kernels {record['kernel_ms_per_step']:.3f} ms/step ({record['kernels_per_step']:.0f} per step), "
+            f"span {record['span_ms_per_step']:.3f}")
 
 
 def time_sampling(args, vocab: int) -> list[dict]:
@@ -211,18 +224,10 @@ def time_generate(args, model, cfg, batch: int, out_dir: str) -> dict:
                   step_s=step_s, cache_bytes=tree_bytes(prefilled().state.cache))
     if args.trace:
         decoding = prefilled()
-        with tempfile.TemporaryDirectory() as trace_dir:
-            with jax.profiler.trace(trace_dir):
-                decoding.advance()
-            table = kernel_table(trace_dir)
-        with open(os.path.join(out_dir, f"kernels_{args.label}_generate_B{batch}.json"), "w") as f:
-            json.dump(table, f, indent=1)
-        n = args.steps - 1
-        record.update(kernels_per_step=table["kernel_count"] / n, kernel_ms_per_step=table["kernels_ns"] / n / 1e6,
-                      span_ms_per_step=table["span_ns"] / n / 1e6)
+        record.update(trace_kernels(decoding.advance, args.steps,
+                                    os.path.join(out_dir, f"kernels_{args.label}_generate_B{batch}.json")))
     log(f"{args.label}_generate_B{batch}: {1e3 * step_s:.3f} ms/step (first call {times[0]:.1f} s)"
-        + (f", kernels {record['kernel_ms_per_step']:.3f} ms/step ({record['kernels_per_step']:.0f} per step), "
-           f"span {record['span_ms_per_step']:.3f}" if args.trace else ""))
+        f"{kernel_summary(record)}")
     return record
 
 
