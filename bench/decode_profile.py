@@ -221,7 +221,7 @@ def time_generate(args, model, cfg, batch: int, out_dir: str) -> dict:
             raise RuntimeError(f"generate stopped after {decoding.produced} tokens, expected {args.steps}")
     step_s = statistics.median(times[1:]) / (args.steps - 1)
     record = dict(batch=batch, variant="generate", label=args.label, first_s=times[0], runs_s=times[1:],
-                  step_s=step_s, cache_bytes=tree_bytes(prefilled().state.cache))
+                  step_s=step_s, cache_bytes=tree_bytes(decoding.state.cache))
     if args.trace:
         decoding = prefilled()
         record.update(trace_kernels(decoding.advance, args.steps,

@@ -9,7 +9,7 @@ blocks contiguous, the mask rule of attention.py lets every real query t see ONE
 1. roll each row left by `first` and pad the length to a multiple of `multiple` (cuDNN's backward refuses
    some lengths, e.g. 4,399): rolled position p holds token first + p, the real tokens fill [0, count),
    and causal attention from a real query never reaches a padding key (a `Layout` without left padding
-   skips the roll: each roll and its backward copied the row, 3.4 GiB per training step at batch 1);
+   skips the roll: in XLA:GPU's H200 compile of the batch-1 training step, 6.0 -> 4.6 GiB of copies);
 2. main call: causal (+ window) attention over every rolled query; exact outside the blocks;
 3. block rows recomputed, one batched call per group of equal bounds in `Layout.blocks` (slot r holds
    each row's r-th longest block, padded to its bound L):
@@ -127,7 +127,7 @@ def interval_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Attention
         e = s + plan["length"][:, slot]  # (B,) its rolled end
         rows, at, keep = _block_rows(qr, kr, vr, s, e, bound, attend, window, multiple)
         out = _write(out, rows, at, keep)
-    out = _window(out, -first, t) if mask.layout.left_padding else out[:, :t] if tp > t else out
+    out = _window(out, -first, t) if mask.layout.left_padding else out[:, :t]
     out = jnp.where(mask.k_valid[:, :, None, None], out, jnp.zeros((), out.dtype))
     return jnp.where(ok[:, None, None, None], out, jnp.asarray(jnp.nan, out.dtype))
 
