@@ -32,7 +32,7 @@ from flax import nnx  # noqa: E402
 from bench.common import hf_config, kernel_table, log  # noqa: E402
 from bench.generation_gpu import copy_bandwidth, random_model, tree_bytes  # noqa: E402
 
-from theworld_jax import attention, generation, sampling  # noqa: E402
+from theworld_jax import attention, decode_attention, generation, sampling  # noqa: E402
 from theworld_jax.config.gemma3 import Gemma3Config  # noqa: E402
 from theworld_jax.modeling import gemma3_text  # noqa: E402
 from theworld_jax.modeling.gemma3 import Gemma3Model  # noqa: E402
@@ -50,6 +50,7 @@ VARIANTS = {
     "einsum_logits": {},  # the library's code, its single-query logits as the einsum of longer queries (PATCHES)
     "products_logits": {},  # ... the single-query products form at every batch size (PATCHES)
     "no_twin": {},  # ... batch 1's token through the layers once, not as two copies (PATCHES)
+    "xla_attention": {},  # ... the decode attention as XLA's einsums, not the fused kernel (PATCHES)
 }
 
 
@@ -59,7 +60,8 @@ def _einsum_logits(q, k):
 
 PATCHES = {"einsum_logits": (attention, "_query_key_logits", _einsum_logits),  # variant -> (module, name, value)
            "products_logits": (attention, "_query_key_logits", attention._single_query_logits),
-           "no_twin": (gemma3_text, "TWIN_ONE_TOKEN", False)}
+           "no_twin": (gemma3_text, "TWIN_ONE_TOKEN", False),
+           "xla_attention": (decode_attention, "supports", lambda q, k: False)}
 
 
 def ring_indices(slots: int, length: int, pad: int) -> np.ndarray:

@@ -174,14 +174,20 @@ def train(args):
 
 
 def _as_on_the_card(sharding) -> dict:
-    """Patches for tracing as on the GPU: the library picks cuDNN attention when jax.default_backend() is
-    "gpu", and jax.nn's cuDNN attention checks the compute capability of a local GPU (jax internals)."""
+    """Patches for tracing as on the GPU: the library picks cuDNN attention and its Pallas kernels when
+    jax.default_backend() is "gpu", jax.nn's cuDNN attention checks the compute capability of a local GPU
+    and Pallas's Triton lowering asks for the local GPU's (jax internals)."""
+    from jax._src.pallas.triton import gpu_info
+
     capability = tuple(int(x) for x in sharding.mesh.devices.flat[0].compute_capability.split("."))
     version = lambda c: tuple(int(x) for x in c.split("."))  # noqa: E731
     attention = "jax._src.cudnn.fused_attention_stablehlo"
+    card = gpu_info.GpuInfo(gpu_version=None, arch_name=".".join(map(str, capability)),
+                            compute_capability=capability[0] * 10 + capability[1])
     return {"jax.default_backend": lambda: "gpu",
             f"{attention}.check_compute_capability": lambda c: capability >= version(c),
-            f"{attention}.is_cuda_compute_capability_equal": lambda c: capability == version(c)}
+            f"{attention}.is_cuda_compute_capability_equal": lambda c: capability == version(c),
+            "jax._src.pallas.triton.gpu_info.get_gpu_info": lambda: card}
 
 
 def compile_program(args) -> tuple[str, dict]:

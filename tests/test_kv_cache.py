@@ -8,6 +8,7 @@ from flax import nnx
 from tests.helpers.tiny_text_decoder import (WINDOW, build_hf, hf_logits, load_decoder, max_logit_error,
                                              positions_from_mask, save_language_model)
 
+from theworld_jax import decode_attention
 from theworld_jax.attention import make_attention_mask, make_decode_mask
 from theworld_jax.modeling.kv_cache import KVCache, LayerCache
 
@@ -75,6 +76,24 @@ def test_batch_one_steps_match_full_forward(setup):
     """One token at batch 1 goes through the layers as two copies of itself (Gemma3TextDecoder)."""
     logits = _run(setup, [1] * (TOTAL - PROMPT), rows=slice(1, 2))
     assert max_logit_error(logits, setup["ref"][1:], setup["mask"][1:]) <= F32_TOL
+
+
+@pytest.mark.parametrize("rows", [slice(None), slice(1, 2)], ids=["batch2", "batch1"])
+def test_one_token_steps_through_the_decode_kernel_match_full_forward(setup, monkeypatch, rows):
+    """The fused decode kernel (as on a GPU; here in Pallas's interpreter, 2-slot blocks for the tiny cache)
+    takes every decode step's attention, batch 1's twin included."""
+    calls = []
+    kernel = decode_attention.decode_attention
+    monkeypatch.setattr(decode_attention, "INTERPRET", True)
+    monkeypatch.setattr(decode_attention, "BLOCK_SLOTS", 2)
+    monkeypatch.setattr(decode_attention, "decode_attention", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    jax.clear_caches()
+    try:
+        logits = _run(setup, [1] * (TOTAL - PROMPT), aligned=True, rows=rows)
+    finally:
+        jax.clear_caches()
+    assert len(calls) == len(setup["config"].layer_types)  # each layer of the one compiled step
+    assert max_logit_error(logits, setup["ref"][rows], setup["mask"][rows]) <= F32_TOL
 
 
 def test_aligned_write_equals_per_row_write():

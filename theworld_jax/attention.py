@@ -16,6 +16,10 @@ index of the token stored in it.
 - otherwise the XLA einsum path (float32 logits, the numerical oracle): on CPU/TPU, in float32, for KV
   cache masks (decode steps and chunked prefill, see kv_cache.py), for masks whose token_type_ids were
   traced without a `Layout`, and for head_dim > 256 (the VAE's 384-channel mid-block attention).
+
+`cache_attention` serves a KV cache stored heads-first: a decode step (one new token per row) on a GPU
+in bfloat16/float16 takes the fused decode kernel (`theworld_jax.decode_attention`, Pallas); everything
+else goes to `dot_product_attention`.
 """
 
 from __future__ import annotations
@@ -202,6 +206,23 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Attent
             return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
         return interval_attention(q, k, v, mask, window=window, scale=scale, backend="cudnn")
     return _xla_attention(q, k, v, mask, window=window, scale=scale)
+
+
+def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, window: int | None,
+                    scale: float, implementation: str | None = None) -> jax.Array:
+    """Attention over a KV cache stored heads-first: q (B,T,N,H), k/v (B,K,S,H), `mask` the cache's key
+    mask (k_index = the token index of each slot, -1 = none) -> (B,T,N,H).
+
+    One new token per row on a GPU (a decode step) takes the fused decode kernel
+    (`theworld_jax.decode_attention`) unless implementation="xla"; anything else goes to
+    `dot_product_attention` over the cache's (B,S,K,H) view.
+    """
+    from theworld_jax import decode_attention
+
+    if implementation is None and decode_attention.supports(q, k):
+        return decode_attention.decode_attention(q, k, v, mask.k_index, mask.q_index, window=window, scale=scale)
+    return dot_product_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask, window=window,
+                                 scale=scale, implementation=implementation)
 
 
 def _xla_attention(q, k, v, mask: AttentionMask | None, *, window, scale):

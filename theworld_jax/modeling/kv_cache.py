@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from theworld_jax.attention import AttentionMask, dot_product_attention
+from theworld_jax.attention import AttentionMask, cache_attention, dot_product_attention
 from theworld_jax.config.gemma3 import Gemma3TextConfig
 
 
@@ -147,7 +147,7 @@ def cached_attention(cache: LayerCache, prefilled: bool, q: jax.Array, k: jax.Ar
         return out, cache.write(k, v, mask.k_index, mask.k_valid)
     if t == 1:
         cache = cache.write(k, v, mask.k_index, mask.k_valid, aligned=mask.aligned)
-        return dot_product_attention(q, *cache.keys(), cache.key_mask(mask), **kw), cache
+        return cache_attention(q, cache.k, cache.v, cache.key_mask(mask), **kw), cache
     held = cache.key_mask(mask)
     joint = AttentionMask(
         q_index=mask.q_index, q_block=mask.q_block,
