@@ -17,6 +17,7 @@ train), fusions keep the native emitter, sorts XLA's own kernels (bench/README.m
     python -m bench.gpu_aot smoke                    # x * x and a matrix product: prints the optimized HLO
     python -m bench.gpu_aot decode --batch 1 --out aot_out
     python -m bench.gpu_aot decode --batch 8 --sampling --xla-flag xla_gpu_enable_triton_gemm=false --out aot_out
+    python -m bench.gpu_aot choose --batch 1 --sampling --top-k 64 --top-p 0.95   # sampling.choose alone
     python -m bench.gpu_aot --census bench/results/decode_hlo_s3_final_B1_h200.txt.gz   # any HLO text, any venv
 """
 
@@ -33,7 +34,7 @@ from unittest import mock
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the H200 is a compile-only topology, not a backend
 
 TARGET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "h200_target_config.txtpb")
-PROGRAMS = ("smoke", "decode", "prefill", "forward", "train")
+PROGRAMS = ("smoke", "decode", "prefill", "forward", "train", "choose")
 
 
 def h200_sharding(target: str = TARGET):
@@ -88,7 +89,7 @@ def decode(args):
     bucket, capacity = (generation.BucketPolicy().length(n) for n in (args.prompt_len, args.steps))
     state = jax.eval_shape(lambda: synthetic_state(cfg.text, args.batch, bucket, bucket - args.prompt_len,
                                                    capacity, 0))
-    kw = dict(do_sample=True, top_p=args.top_p) if args.sampling else {}
+    kw = dict(do_sample=True, top_k=args.top_k, top_p=args.top_p) if args.sampling else {}
     config = sampling.SamplingConfig.make(vocab_limit=cfg.text.vocab_size, vocab_size=cfg.text.vocab_size, **kw)
     dyn = (jnp.int32(args.steps), jnp.float32(1.0), jnp.float32(args.top_p), jnp.full((8,), -1, jnp.int32))
     return decode_program(graphdef, config, {}), (params, state, *dyn)
@@ -173,6 +174,25 @@ def train(args):
     return step.step, (trainable, jax.eval_shape(optimizer.init, trainable), split.frozen, batch)
 
 
+def choose(args):
+    """`sampling.choose` alone on (--batch, 262,208) float32 logits: greedy, or with --sampling a draw after
+    --top-k (default none) and --top-p (1: none)."""
+    import jax
+    import jax.numpy as jnp
+
+    from theworld_jax import sampling
+
+    vocab = _gemma_config().text.vocab_size
+    kw = dict(do_sample=True, top_k=args.top_k, top_p=args.top_p) if args.sampling else {}
+    config = sampling.SamplingConfig.make(vocab_limit=vocab, vocab_size=vocab, **kw)
+
+    def run(logits, key, temperature, top_p):
+        return sampling.choose(logits, key, config, temperature, top_p)
+
+    return jax.jit(run), (jax.ShapeDtypeStruct((args.batch, vocab), jnp.float32),
+                          jax.eval_shape(lambda: jax.random.key(0)), jnp.float32(1.0), jnp.float32(args.top_p))
+
+
 def _as_on_the_card(sharding) -> dict:
     """Patches for tracing as on the GPU: the library picks cuDNN attention and its Pallas kernels when
     jax.default_backend() is "gpu", jax.nn's cuDNN attention checks the compute capability of a local GPU
@@ -219,6 +239,7 @@ def compile_program(args) -> tuple[str, dict]:
         compiled = lowered.compile(options or None)
         t2 = time.perf_counter()
     record = dict(program=args.program, batch=args.batch, sampling=args.sampling, variant=args.variant,
+                  top_k=args.top_k if args.sampling else None, top_p=args.top_p if args.sampling else None,
                   options={k: str(v) for k, v in options.items()}, jax=jax.__version__,
                   device=str(sharding.mesh.devices.flat[0]), lower_s=round(t1 - t0, 2), compile_s=round(t2 - t1, 2))
     return compiled.as_text(), record
@@ -269,7 +290,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt-len", type=int, default=4400)
     parser.add_argument("--steps", type=int, default=128, help="decode: tokens per row (the buffer's bucket)")
-    parser.add_argument("--sampling", action="store_true", help="decode: sample with top_p (default: greedy)")
+    parser.add_argument("--sampling", action="store_true",
+                        help="decode, choose: sample with --top-k and --top-p (default: greedy)")
+    parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--variant", default="plain", help="decode_profile's VARIANTS / PATCHES name")
     parser.add_argument("--xla-flag", action="append", default=[], metavar="NAME=VALUE",
@@ -289,7 +312,8 @@ def main(argv=None) -> int:
         parser.error("name a program or give --census")
     text, record = compile_program(args)
     record.update(census_report(text, args.layers))
-    tag = args.tag or f"{args.program}_B{args.batch}{'_sampling' if args.sampling else ''}_{args.variant}"
+    sampled = f"_sampling{f'_k{args.top_k}' if args.top_k else ''}" if args.sampling else ""
+    tag = args.tag or f"{args.program}_B{args.batch}{sampled}_{args.variant}"
     print(f"compiled in {record['compile_s']} s (lowered in {record['lower_s']} s)")
     print(summary(tag, record))
     if args.program == "smoke":

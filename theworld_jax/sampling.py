@@ -10,6 +10,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NEG_INF = -jnp.inf
 
@@ -63,9 +64,10 @@ def _order_keys(x: jax.Array) -> jax.Array:
     return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
 
 
-def _threshold(keys: jax.Array, weights: jax.Array | None, target: jax.Array) -> jax.Array:
+def _threshold(keys: jax.Array, weights: jax.Array | None, target: jax.Array) -> tuple[jax.Array, jax.Array]:
     """keys (B, V) uint32, weights (B, V) float32 or None (a count), target () or (B, 1) -> (B, 1) uint32:
-    the largest key t whose weight at or above it, sum(weights[keys >= t]), reaches target (0 if none).
+    the largest key t whose weight at or above it, sum(weights[keys >= t]), reaches target (0 if none),
+    and (B, 1) that weight.
 
     Found digit by digit from the top: each pass weighs 2**RADIX_BITS candidate keys at once."""
     radix = 1 << RADIX_BITS
@@ -79,7 +81,54 @@ def _threshold(keys: jax.Array, weights: jax.Array | None, target: jax.Array) ->
             weight = jnp.sum(jnp.where(above, weights[:, None, :], 0.0), axis=-1)
         digit = jnp.sum(weight[:, 1:] >= target, axis=-1, dtype=jnp.uint32)  # weight falls as keys rise
         lo = lo + (digit << shift)[:, None]
-    return lo
+    return lo, jnp.take_along_axis(weight, digit[:, None].astype(jnp.int32), axis=-1)
+
+
+def _from_keys(keys: jax.Array) -> jax.Array:
+    """The inverse of _order_keys: uint32 keys -> the float32 values."""
+    bits = jnp.where(keys >> 31 == 1, keys & jnp.uint32(0x7FFFFFFF), ~keys)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+_NO_KEY = np.uint32(0xFFFFFFFF)  # above every key of a float
+
+
+def _higher_then_smaller(a: tuple, b: tuple) -> tuple:
+    """Of two (probability, key) pairs, the one of higher probability, and of equal ones the smaller key."""
+    first = (a[0] > b[0]) | ((a[0] == b[0]) & (a[1] < b[1]))
+    return jnp.where(first, a[0], b[0]), jnp.where(first, a[1], b[1])
+
+
+def _nucleus_of_top_k(logits: jax.Array, keys: jax.Array, t: jax.Array, survivors: jax.Array, k: int,
+                      top_p: jax.Array) -> jax.Array:
+    """logits (B, V) and their keys; t (B, 1): top-k's threshold key; survivors (B, 1): how many keys are
+    >= t; top_p () or (B, 1) -> (B, 1) uint32: the smallest key top-p keeps among the survivors.
+
+    The cut of top-p's radix search over the survivors' probabilities, found from k entries instead of
+    the vocabulary: the logits above t (fewer than k) are gathered into k slots and every other survivor
+    equals t, so the mass at or above each slot's probability is a sum over the slots (a k x k
+    comparison), and the survivors equal to t, the least probable, are all kept exactly when no slot of
+    higher probability reaches top_p. Probabilities are computed and compared as softmax gives them
+    (distinct logits whose probabilities round equal stay together); the cut is then a logit's key
+    (softmax is monotone). Only the rounding of the sums differs (top_p within float error of a mass)."""
+    rows = logits.shape[0]
+    above = keys > t  # (B, V): fewer than k per row
+    slot = jnp.where(above, jnp.cumsum(above, axis=-1, dtype=jnp.int32) - 1, k)
+    top = jnp.full((rows, k), NEG_INF, jnp.float32).at[jnp.arange(rows)[:, None], slot].set(logits, mode="drop")
+    top_keys = _order_keys(top)
+    valid = top_keys > t  # (B, k): the filled slots
+    t_logit = _from_keys(t)
+    m = jnp.maximum(jnp.max(top, axis=-1, keepdims=True), t_logit)  # the largest logit
+    e, e_t = jnp.exp(top - m), jnp.exp(t_logit - m)
+    at_t = survivors - jnp.sum(valid, axis=-1, keepdims=True, dtype=jnp.int32)
+    z = jnp.sum(jnp.concatenate([e, at_t.astype(jnp.float32) * e_t], axis=-1), axis=-1, keepdims=True)
+    p, p_t = e / z, e_t / z  # (B, k), (B, 1): the survivors' probabilities (the -inf slots': 0)
+    mass = jnp.sum(jnp.where(p[:, None, :] >= p[:, :, None], p[:, None, :], 0.0), axis=-1)  # (B, k)
+    reaches = valid & (p > p_t) & (mass >= top_p)
+    # The largest probability that reaches top_p and, of the slots with it, the smallest key (one reduction).
+    cut, smallest = jax.lax.reduce((jnp.where(reaches, p, -1.0), jnp.where(reaches, top_keys, _NO_KEY)),
+                                   (jnp.float32(-1.0), _NO_KEY), _higher_then_smaller, (1,))
+    return jnp.where(cut[:, None] >= 0, smallest[:, None], t)
 
 
 def _kept(logits: jax.Array, config: SamplingConfig, top_p: jax.Array) -> jax.Array:
@@ -87,17 +136,17 @@ def _kept(logits: jax.Array, config: SamplingConfig, top_p: jax.Array) -> jax.Ar
 
     As transformers' warpers: top-k keeps every logit at least the k-th largest (ties included); top-p
     keeps the smallest set of the highest probabilities (after top-k) whose mass reaches top_p, and every
-    id tied with its smallest member."""
-    kept = jnp.ones(logits.shape, bool)
+    id tied with its smallest member. With top-k, top-p works on the k survivors (_nucleus_of_top_k);
+    alone, it is a radix search over the vocabulary's probabilities."""
     if config.top_k is not None:
         keys = _order_keys(logits)
-        kept = keys >= _threshold(keys, None, jnp.int32(config.top_k))
-        logits = jnp.where(kept, logits, NEG_INF)
-    if config.use_top_p:
-        probs = jax.nn.softmax(logits, axis=-1)
-        keys = _order_keys(probs)
-        kept = kept & (keys >= _threshold(keys, probs, top_p))
-    return kept
+        t, survivors = _threshold(keys, None, jnp.int32(config.top_k))
+        if config.use_top_p:
+            t = _nucleus_of_top_k(logits, keys, t, survivors, config.top_k, top_p)
+        return keys >= t
+    probs = jax.nn.softmax(logits, axis=-1)
+    keys = _order_keys(probs)
+    return keys >= _threshold(keys, probs, top_p)[0]
 
 
 def filter_logits(logits: jax.Array, config: SamplingConfig, temperature: jax.Array,
