@@ -1,5 +1,5 @@
 """top_k with top_p: the nucleus found among the top-k survivors equals the radix search over the vocabulary
-(top-k's filter, then top-p's alone: the path before), and transformers' warpers."""
+(top-k's filter, then top-p's alone: the path before) and transformers' warpers."""
 
 import jax
 import numpy as np
@@ -10,18 +10,19 @@ from theworld_jax import sampling
 
 filter_logits = jax.jit(sampling.filter_logits, static_argnames="config")
 choose = jax.jit(sampling.choose, static_argnames="config")
-TINY = np.float32(1e-6)
-ALMOST_ONE = np.float32(1 - 2 ** -24)  # the largest float32 below 1
+TINY = 1e-6
+ALMOST_ONE = 1 - 2 ** -24  # the largest float32 below 1
 
 
-def ours(logits, *, top_k, top_p, temperature=1.0, limit=None):
-    config = sampling.SamplingConfig.make(vocab_limit=limit or logits.shape[1], vocab_size=logits.shape[1],
-                                          do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+def ours(logits, top_k: int, top_p: float, temperature: float = 1.0, limit: int | None = None) -> np.ndarray:
+    vocab = logits.shape[1]
+    config = sampling.SamplingConfig.make(vocab_limit=limit or vocab, vocab_size=vocab, do_sample=True,
+                                          temperature=temperature, top_k=top_k, top_p=top_p)
     assert config.top_k == top_k and config.use_top_p
     return np.asarray(filter_logits(logits, config, np.float32(temperature), np.float32(top_p)))
 
 
-def radix(logits, *, top_k, top_p, temperature=1.0, limit=None):
+def radix(logits, top_k: int, top_p: float, temperature: float = 1.0, limit: int | None = None) -> np.ndarray:
     """top-k's filter, then top-p's radix search over the whole vocabulary on what it left."""
     vocab = logits.shape[1]
     first = sampling.SamplingConfig.make(vocab_limit=limit or vocab, vocab_size=vocab, do_sample=True,
@@ -32,71 +33,75 @@ def radix(logits, *, top_k, top_p, temperature=1.0, limit=None):
 
 
 def rows(batch: int, vocab: int, seed: int) -> np.ndarray:
-    """(batch, vocab) float32 logits, every row another distribution: spread from flat to peaked, some
-    rounded (many ties, at the k-th value too), some with few finite entries."""
+    """(batch, vocab) float32 logits, each row another distribution: from flat to peaked, rounded (ties
+    everywhere, at the k-th value and at the nucleus' edge too), or with fewer finite logits than top_k."""
     rng = np.random.RandomState(seed)
     out = np.empty((batch, vocab), np.float32)
     for i in range(batch):
         kind = (seed + i) % 5
-        x = rng.randn(vocab) * [0.3, 2.0, 8.0, 3.0, 1.0][kind]
+        out[i] = rng.randn(vocab) * [0.3, 2.0, 8.0, 3.0, 1.0][kind]
         if kind == 3:
-            x = np.round(x)  # ties everywhere: at the k-th value and at the nucleus' edge
+            out[i] = np.round(out[i])
         if kind == 4:
-            x[rng.rand(vocab) < 0.97] = -np.inf  # fewer finite logits than top_k
-        out[i] = x
+            out[i, rng.rand(vocab) < 0.97] = -np.inf
     return out
 
 
 @pytest.mark.parametrize("batch", [1, 8])
 def test_top_k_top_p_equals_the_radix_search(batch):
-    vocab = 1000
-    for seed, (top_k, top_p, temperature) in enumerate([(64, 0.95, 0.8), (50, 0.5, 1.0), (5, 0.9, 1.3),
-                                                        (64, ALMOST_ONE, 1.0), (64, TINY, 1.0), (1, 0.5, 1.0),
-                                                        (200, 0.99, 2.0)]):
-        logits = rows(batch, vocab, seed)
-        got = ours(logits, top_k=top_k, top_p=top_p, temperature=temperature, limit=990)
-        np.testing.assert_array_equal(got, radix(logits, top_k=top_k, top_p=top_p, temperature=temperature,
-                                                 limit=990), err_msg=f"top_k={top_k} top_p={top_p}")
-        assert np.isfinite(got).any(axis=1).all()
+    logits = rows(batch, 1000, batch)
+    if batch > 1:
+        logits[-1] = -np.inf  # nothing to choose from: everything stays removed
+    cut_inside = cut_nothing = 0
+    for top_k, temperature in ((1, 1.0), (7, 0.7), (64, 1.3)):
+        top_k_only = np.isfinite(radix(logits, top_k, 1.0, temperature, limit=990)).sum(axis=1)
+        for top_p in (TINY, 0.3, 0.9, 0.99, ALMOST_ONE):
+            got = ours(logits, top_k, top_p, temperature, limit=990)
+            np.testing.assert_array_equal(got, radix(logits, top_k, top_p, temperature, limit=990),
+                                          err_msg=f"top_k={top_k} top_p={top_p}")
+            kept = np.isfinite(got).sum(axis=1)
+            assert (kept[:7] >= 1).all() and (kept <= top_k_only).all()
+            cut_inside += (kept < top_k_only).sum()
+            cut_nothing += (kept[:7] == top_k_only[:7]).sum()
+        if batch > 1:
+            assert np.isneginf(got[-1]).all()
+    assert min(cut_inside, cut_nothing) >= 5 * batch  # the nucleus inside the top k, and all of it
 
 
 def test_ties_at_the_edges_are_kept_together():
-    """The k-th value tied three times, then the nucleus' smallest probability tied three times."""
-    logits = np.full((3, 300), -5.0, np.float32)
-    logits[:, :8] = [[6, 4, 4, 4, 2, 2, 2, 1]] * 3
-    probs = np.exp(logits[0, :8] - 6) / np.exp(logits[0, :8] - 6).sum()  # top_k=8's survivors
-    mass6, mass4 = probs[0], probs[:4].sum()
-    for top_k, top_p, kept in [(2, 0.99, 4), (5, 0.99, 7), (8, (mass6 + mass4) / 2, 4), (8, mass6 / 2, 1),
-                               (8, mass4 + 1e-4, 7), (8, 0.5 * mass4 + 0.5 * probs[:7].sum(), 7)]:
-        got = ours(logits, top_k=top_k, top_p=np.float32(top_p))
-        np.testing.assert_array_equal(got, radix(logits, top_k=top_k, top_p=np.float32(top_p)))
-        assert (np.isfinite(got).sum(axis=1) == kept).all(), (top_k, top_p)
+    """Row 0: the k-th value and the nucleus' smallest tied three times. Row 1: two distinct logits of
+    equal probability (float32), kept together as the radix search over probabilities keeps them."""
+    logits = np.full((2, 300), -9.0, np.float32)
+    logits[0, :8] = [6, 4, 4, 4, 2, 2, 2, 1]
+    logits[1, :4] = [0.125, 0.125 - 2 ** -27, -1, -1]
+    probs = np.asarray(jax.nn.softmax(logits[:, :8], axis=-1))  # top_k=8's survivors
+    assert logits[1, 0] != logits[1, 1] and probs[1, 0] == probs[1, 1]
+    mass6, mass4 = probs[0, 0], probs[0, :4].sum()
+    for top_k, top_p, kept in [(2, 0.99, (4, 2)), (2, TINY, (1, 2)), (8, TINY, (1, 2)), (8, 0.99, (7, 300)),
+                               (8, (mass6 + mass4) / 2, (4, 4)), (8, mass4 + 1e-4, (7, 4)),
+                               (8, (mass4 + probs[0, :7].sum()) / 2, (7, 4))]:
+        got = ours(logits, top_k, top_p)
+        np.testing.assert_array_equal(got, radix(logits, top_k, top_p), err_msg=f"top_k={top_k} top_p={top_p}")
+        assert tuple(np.isfinite(got).sum(axis=1)) == kept, (top_k, top_p)
 
 
-def test_a_row_of_minus_infinity_keeps_everything():
-    logits = rows(4, 300, 0)
-    logits[1] = -np.inf
-    got = ours(logits, top_k=10, top_p=0.9)
-    np.testing.assert_array_equal(got, radix(logits, top_k=10, top_p=0.9))
-    assert np.isneginf(got[1]).all()
-
-
-@pytest.mark.parametrize("batch", [1, 8])
-def test_top_k_top_p_matches_transformers_warpers(batch):
+def test_top_k_top_p_matches_transformers_warpers():
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-    logits = np.random.RandomState(batch).randn(batch, 500).astype(np.float32) * 3  # no ties
-    for top_k, top_p in [(64, 0.95), (30, 0.3), (100, 0.999), (8, 0.01)]:
-        ref = torch.from_numpy(logits)
-        for warper in (TopKLogitsWarper(top_k), TopPLogitsWarper(top_p)):
-            ref = warper(torch.zeros((batch, 1), dtype=torch.long), ref)
-        np.testing.assert_array_equal(ours(logits, top_k=top_k, top_p=top_p), ref.numpy())
+    spread = np.array([[0.5], [1], [2], [3], [4], [5], [6], [8]], np.float32)
+    logits = np.random.RandomState(3).randn(8, 500).astype(np.float32) * spread
+    for top_k in (64, 8):
+        for top_p in (0.01, 0.3, 0.95, 0.999):
+            ref = torch.from_numpy(logits)
+            for warper in (TopKLogitsWarper(top_k), TopPLogitsWarper(top_p)):
+                ref = warper(torch.zeros((8, 1), dtype=torch.long), ref)
+            np.testing.assert_array_equal(ours(logits, top_k, top_p), ref.numpy(), err_msg=f"{top_k} {top_p}")
 
 
 def test_draws_stay_in_the_nucleus():
     logits = np.random.RandomState(5).randn(1, 2000).astype(np.float32)
     config = sampling.SamplingConfig.make(vocab_limit=2000, vocab_size=2000, do_sample=True, top_k=64, top_p=0.5)
-    kept = np.isfinite(ours(logits, top_k=64, top_p=0.5))[0]
+    kept = np.isfinite(ours(logits, 64, 0.5))[0]
     draws = np.asarray(jax.vmap(lambda key: choose(logits, key, config, np.float32(1.0), np.float32(0.5)))(
         jax.random.split(jax.random.key(0), 2000)))[:, 0]
     assert 1 < kept.sum() < 64 and kept[draws].all() and len(set(draws.tolist())) == kept.sum()
