@@ -167,16 +167,30 @@ def kernel_summary(record: dict) -> str:
             f"span {record['span_ms_per_step']:.3f}")
 
 
+def sampling_settings(vocab: int) -> list[tuple[str, object]]:
+    """(name, choose(logits, key) -> tokens) of the settings time_sampling times (temperature 0.8)."""
+    def chooser(**kw):
+        config = sampling.SamplingConfig.make(vocab_limit=vocab, vocab_size=vocab, **kw)
+        return lambda x, key: sampling.choose(x, key, config, jnp.float32(0.8), jnp.float32(0.95))
+
+    def radix_after_top_k(x, key):  # the path before: top-p's radix search over the vocabulary after top-k
+        first = sampling.SamplingConfig.make(vocab_limit=vocab, vocab_size=vocab, do_sample=True, top_k=64)
+        then = sampling.SamplingConfig.make(vocab_limit=vocab, vocab_size=vocab, do_sample=True, top_p=0.95)
+        x = sampling.filter_logits(x, first, jnp.float32(0.8), jnp.float32(1.0))
+        return sampling.choose(x, key, then, jnp.float32(1.0), jnp.float32(0.95))
+
+    return [("greedy", chooser()), ("top_k=64 top_p=0.95", chooser(do_sample=True, top_k=64, top_p=0.95)),
+            ("top_k=64 then top_p=0.95 by radix (before)", radix_after_top_k),
+            ("top_p=0.95", chooser(do_sample=True, top_p=0.95)), ("top_k=50", chooser(do_sample=True, top_k=50)),
+            ("plain sampling", chooser(do_sample=True))]
+
+
 def time_sampling(args, vocab: int) -> list[dict]:
     """`sampling.choose` alone, 64 chained calls in one program, per call."""
-    settings = [("greedy", dict()), ("top_k=64 top_p=0.95", dict(do_sample=True, top_k=64, top_p=0.95)),
-                ("top_p=0.95", dict(do_sample=True, top_p=0.95)), ("top_k=50", dict(do_sample=True, top_k=50)),
-                ("plain sampling", dict(do_sample=True))]
     out = []
     for batch in args.batches:
         logits = 3.0 * jax.random.normal(jax.random.key(0), (batch, vocab), jnp.float32)
-        for name, kw in settings:
-            config = sampling.SamplingConfig.make(vocab_limit=vocab, vocab_size=vocab, **kw)
+        for name, choose in sampling_settings(vocab):
 
             @jax.jit
             def chain(logits, key):
@@ -184,7 +198,7 @@ def time_sampling(args, vocab: int) -> list[dict]:
                     token, key = carry
                     key, sub = jax.random.split(key)
                     x = logits.at[:, 0].add(token.astype(jnp.float32) * 1e-9)  # a dependency on the last draw
-                    return sampling.choose(x, sub, config, jnp.float32(0.8), jnp.float32(0.95)), key
+                    return choose(x, sub), key
                 return jax.lax.fori_loop(0, 64, body, (jnp.zeros((batch,), jnp.int32), key))[0]
 
             jax.block_until_ready(chain(logits, jax.random.key(1)))
