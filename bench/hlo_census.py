@@ -94,7 +94,8 @@ def census(text: str, vocab: str = "262208") -> tuple[dict, int]:
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([\w\-]+)\((.*)$")
 _CALLS = re.compile(r"(?:calls|to_apply|body|condition|true_computation|false_computation)=%([\w.\-]+)")
 # kernels that only move bytes
-COPY_KINDS = ("copy", "fusion (dynamic-slice)", "fusion (slice)", "fusion (concatenate)", "fusion (copy/transpose)")
+COPY_KINDS = ("copy", "fusion (dynamic-slice)", "fusion (slice)", "fusion (concatenate)", "fusion (copy/transpose)",
+              "fusion (pad/reverse)")
 NOT_LAUNCHED = SKIP | {"after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency", "domain"}
 
 
@@ -149,8 +150,12 @@ def kernel_kind(op: str, rest: str, name: str, fused: dict[str, list[str]]) -> s
             return "fusion (slice)"
         if " concatenate(" in root:
             return "fusion (concatenate)"
-        if re.search(r" copy\(|transpose\(", root) and "kind=kLoop" in rest:
+        opcode = _INSTRUCTION.match(root)  # the root's opcode (its metadata may name "transpose(jvp(...))")
+        opcode = opcode.group(3) if opcode and "kind=kLoop" in rest else ""
+        if opcode in ("copy", "transpose"):
             return "fusion (copy/transpose)"
+        if opcode in ("pad", "reverse"):
+            return "fusion (pad/reverse)"
         return "fusion"
     if op == "custom-call":
         target = re.search(r'custom_call_target="([^"]+)"', rest)
