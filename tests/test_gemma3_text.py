@@ -187,3 +187,28 @@ def test_gelu_gated_gradients_match_autodiff_and_keep_only_the_inputs():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
     _, backward = jax.vjp(gelu_gated, gate, up)
     assert [x.shape for x in jax.tree.leaves(backward)] == [gate.shape, up.shape]  # no saved tanh(...)
+
+
+def test_rms_norm_gradients_match_autodiff_and_keep_only_the_input():
+    import jax
+
+    from theworld_jax.modeling.layers import rms_norm
+
+    def plain(x, w, eps=1e-6):
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+        return (normed * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
+
+    rng = np.random.default_rng(2)
+    x, w = jnp.asarray(rng.normal(size=(2, 5, 3, 16)) * 3, jnp.float32), jnp.asarray(rng.normal(size=(16,)), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(rms_norm(x, w, 1e-6)), np.asarray(plain(x, w)))
+    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(3 * f(x, w, 1e-6)))  # noqa: E731
+    for a, b in zip(jax.grad(loss(rms_norm), argnums=(0, 1))(x, w), jax.grad(loss(plain), argnums=(0, 1))(x, w)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    grads = jax.grad(loss(rms_norm), argnums=(0, 1))(xb, wb)
+    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16]
+    for a, b in zip(grads, jax.grad(loss(plain), argnums=(0, 1))(xb.astype(jnp.float32), wb.astype(jnp.float32))):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b), rtol=0.05, atol=0.05 * float(jnp.max(jnp.abs(b))))
+    _, backward = jax.vjp(lambda x, w: rms_norm(x, w, 1e-6), x, w)
+    assert [a.shape for a in jax.tree.leaves(backward)] == [x.shape, w.shape]  # no saved per-row 1 / rms

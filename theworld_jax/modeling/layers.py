@@ -5,6 +5,8 @@ Weights are stored in `param_dtype` and used in `dtype`; shapes are in the model
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,11 +30,40 @@ class RMSNorm(nnx.Module):
         return rms_norm(x, self.weight[...], self.eps)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """Gemma's RMSNorm of x (..., D) with the raw weight (D,), computed in float32, returned in x's dtype."""
+    """Gemma's RMSNorm of x (..., D) with the raw weight (D,), computed in float32, returned in x's dtype.
+
+    The backward is written out (`_rms_norm_backward`) and keeps only x: left to autodiff, the forward's
+    per-row 1 / rms was a value the backward read, so XLA:GPU gave it a kernel of its own and could not
+    make the norm one normalisation kernel (the H200's training step: two tiny kernels per norm)."""
     x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    normed = x32 * _inv_rms(x32, eps)
     return (normed * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+
+
+def _inv_rms(x32: jax.Array, eps: float) -> jax.Array:
+    return jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
+def _rms_norm_forward(x, weight, eps):
+    return rms_norm(x, weight, eps), (x, weight)
+
+
+def _rms_norm_backward(eps, saved, grad):
+    """dx = r g - x r^3 mean(x g) with g = grad (1 + w), r = 1 / rms(x) recomputed (from x behind an
+    optimization barrier, so that XLA does not reuse the forward's); dw = sum of grad x r over rows."""
+    x, weight = saved
+    x32 = jax.lax.optimization_barrier(x).astype(jnp.float32)
+    grad32 = grad.astype(jnp.float32)
+    r = _inv_rms(x32, eps)
+    g = grad32 * (1.0 + weight.astype(jnp.float32))
+    dx = r * g - x32 * (r * r * r) * jnp.mean(x32 * g, axis=-1, keepdims=True)
+    dw = jnp.sum((grad32 * (x32 * r)).reshape(-1, x.shape[-1]), axis=0)
+    return dx.astype(x.dtype), dw.astype(weight.dtype)
+
+
+rms_norm.defvjp(_rms_norm_forward, _rms_norm_backward)
 
 
 class Einsum(nnx.Module):
