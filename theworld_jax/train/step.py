@@ -40,6 +40,14 @@ def make_optimizer(opt_cfg, total_steps: int, params: dict[str, jax.Array]) -> o
                     weight_decay=opt_cfg.weight_decay, mask=decay_mask(params)))
 
 
+# XLA options of the step and eval programs. The dot merger (XLA:GPU with cuBLAS GEMMs) joins the q/k/v
+# products and the gate/up products of each layer into one product each by concatenating their weights,
+# on every call: in the deviceless H200 compile of the projector-only step at batch 1 that was 975 MiB of
+# weight concatenations and 289 MiB of output slices per step (bench/results/gpu_aot_programs.md, sixth
+# session); without it every product reads its weight in place. Other backends ignore the option.
+COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
+
+
 class TrainStep:
     """`step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics)`, jitted once per
     batch shape; `compiles` counts the traces. `layout`: the fast attention path's static bound
@@ -52,8 +60,8 @@ class TrainStep:
         self.layout = layout
         self.remat = remat
         self.compiles = 0
-        self.step = jax.jit(self._step, donate_argnums=(0, 1))
-        self.eval = jax.jit(self._eval)
+        self.step = jax.jit(self._step, donate_argnums=(0, 1), compiler_options=COMPILER_OPTIONS)
+        self.eval = jax.jit(self._eval, compiler_options=COMPILER_OPTIONS)
 
     def _micro_loss(self, trainable, frozen, micro):
         model = self.split.merge(trainable, frozen)
