@@ -254,7 +254,9 @@ def census_report(text: str, layers: int) -> dict:
     step = expanded(census, outer) if outer else None
     copied = expanded(census, outer, "copy_bytes") if outer else None
     call, call_copied = expanded(census, "ENTRY"), expanded(census, "ENTRY", "copy_bytes")
+    moved = expanded(census, "ENTRY", "moved_bytes")
     return dict(per_call=dict(call), per_call_kernels=sum(call.values()), per_call_copy_bytes=dict(call_copied),
+                per_call_moved_bytes=dict(moved),
                 computations={k: {f: v for f, v in c.items() if f != "inner"} for k, c in census.items()},
                 per_step=dict(step) if step else None, per_step_kernels=sum(step.values()) if step else None,
                 per_step_per_layer=sum(step.values()) / layers if step else None,
@@ -268,6 +270,10 @@ def summary(name: str, report: dict) -> str:
              + ", ".join(f"{k} {v}" for k, v in sorted(report["per_call"].items(), key=lambda kv: -kv[1])),
              "  copied in one call: " + ", ".join(f"{k} {v / 2**20:.1f} MiB"
                                                  for k, v in report["per_call_copy_bytes"].items())]
+    moved = report.get("per_call_moved_bytes", {})
+    streaming = sum(v for k, v in moved.items() if not k.startswith(("gemm", "cudnn")))
+    lines.append(f"  read and written in one call: {sum(moved.values()) / 2**30:.2f} GiB, of which kernels other than "
+                 f"GEMMs and cuDNN {streaming / 2**30:.2f} GiB ({1e3 * streaming / 3e12:.1f} ms at 3 TB/s)")
     if report["per_step"]:
         lines.append(f"  per loop iteration: {report['per_step_kernels']} kernels "
                      f"({report['per_step_per_layer']:.1f} per layer): "

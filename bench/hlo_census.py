@@ -172,11 +172,38 @@ def kernel_kind(op: str, rest: str, name: str, fused: dict[str, list[str]]) -> s
     return op  # an unfused op emitted as its own kernel (rare after fusion)
 
 
+def moved_bytes(op: str, rest: str, out_shape: str, shapes: dict[str, str], fused: dict[str, list[str]]) -> int:
+    """Bytes one kernel reads and writes: its result and operands (`shapes`: name -> shape of the
+    instructions before it), a fusion parameter used only through slices counted as those slices, an
+    in-place dynamic-update-slice as its update only. An estimate: a fusion may read a broadcast
+    operand more than once."""
+    operands = [shapes.get(o, "") for o in re.findall(r"%([\w.\-]+)", rest.split("), ")[0])]
+    sizes = [nbytes(s) for s in operands]
+    lines = fused.get(_CALLS.search(rest).group(1), []) if op == "fusion" and _CALLS.search(rest) else []
+    users, params = collections.defaultdict(list), {}
+    for line in lines:
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        if m.group(3) == "parameter":
+            params[m.group(1)] = int(re.match(r"\d+", m.group(4)).group(0))
+        for o in re.findall(r"%([\w.\-]+)", m.group(4).split("), ")[0]):
+            users[o].append((m.group(3), m.group(2)))
+    for name, i in params.items():
+        if i < len(sizes) and users[name] and all(u in ("slice", "dynamic-slice") for u, _ in users[name]):
+            sizes[i] = min(sizes[i], sum(nbytes(shape) for _, shape in users[name]))
+    root = _INSTRUCTION.match(_root(rest, fused)) if lines else None
+    if root and root.group(3) == "dynamic-update-slice":  # in place: the update is read and written
+        return 2 * min((s for s in sizes if s), default=0)
+    return nbytes(out_shape) + sum(sizes)
+
+
 def kernel_census(text: str, layers: int = 0) -> dict:
     """Kernels per launching computation (the entry, while bodies and conditions, conditional branches,
     called computations): {name: {"role", "trip_count" (XLA's known_trip_count of a while body, or None),
-    "kinds": {kind: count}, "kernels", "copy_bytes": {copy kind: bytes written}, "inner": the launching
-    computations it runs}}; with `layers`, a while body's count per layer too ("per_layer")."""
+    "kinds": {kind: count}, "kernels", "copy_bytes": {copy kind: bytes written}, "moved_bytes": {kind:
+    bytes read and written (`moved_bytes`)}, "inner": the launching computations it runs}}; with
+    `layers`, a while body's count per layer too ("per_layer")."""
     comps = computations(text)
     launching = {"ENTRY": ("entry", None)}
     for lines in comps.values():
@@ -201,14 +228,17 @@ def kernel_census(text: str, layers: int = 0) -> dict:
                     launching[callee.group(1)] = ("call", None)
     out = {}
     for name, (role, trip) in launching.items():
-        kinds, copied, inner = collections.Counter(), collections.Counter(), []
+        kinds, copied, moved, inner, shapes = (collections.Counter(), collections.Counter(), collections.Counter(),
+                                                [], {})
         for line in comps.get(name, []):
             m = _INSTRUCTION.match(line)
             if not m:
                 continue
+            shapes[m.group(1)] = m.group(2)
             kind = kernel_kind(m.group(3), m.group(4), m.group(1), comps)
             if kind:
                 kinds[kind] += 1
+                moved[kind] += moved_bytes(m.group(3), m.group(4), m.group(2), shapes, comps)
             if kind and kind.removesuffix(" async") in COPY_KINDS:  # bytes written: the fused root's shape
                 root = _INSTRUCTION.match(_root(m.group(4), comps))
                 copied[kind] += nbytes(root.group(2) if root else m.group(2))
@@ -216,15 +246,15 @@ def kernel_census(text: str, layers: int = 0) -> dict:
                 inner += [c for c in re.findall(r"(?:body|condition|to_apply)=%([\w.\-]+)", m.group(4))
                           if c in launching]
         out[name] = dict(role=role, trip_count=trip, kinds=dict(kinds), kernels=sum(kinds.values()),
-                         copy_bytes=dict(copied), inner=inner)
+                         copy_bytes=dict(copied), moved_bytes=dict(moved), inner=inner)
         if layers and role == "while body":
             out[name]["per_layer"] = out[name]["kernels"] / layers
     return out
 
 
 def expanded(census: dict, name: str, field: str = "kinds") -> collections.Counter:
-    """Kernel kinds (or `field` "copy_bytes": bytes written by copy kernels) of one run of computation
-    `name`, the loops inside it run their known trip counts."""
+    """Kernel kinds (or `field` "copy_bytes": bytes written by copy kernels, "moved_bytes": bytes read and
+    written) of one run of computation `name`, the loops inside it run their known trip counts."""
     total = collections.Counter(census[name][field])
     for inner in census[name]["inner"]:
         times = census[inner]["trip_count"] or 1
