@@ -187,6 +187,9 @@ def test_gelu_gated_gradients_match_autodiff_and_keep_only_the_inputs():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
     _, backward = jax.vjp(gelu_gated, gate, up)
     assert [x.shape for x in jax.tree.leaves(backward)] == [gate.shape, up.shape]  # no saved tanh(...)
+    differentiated = jax.make_jaxpr(lambda g, u: jax.vjp(gelu_gated, g, u)[0])(gate, up)
+    assert "optimization_barrier" in str(differentiated)  # no gelu epilogue writing gate twice
+    assert "optimization_barrier" not in str(jax.make_jaxpr(gelu_gated)(gate, up))  # inference keeps it
 
 
 def test_rms_norm_gradients_match_autodiff_and_keep_only_the_input():
