@@ -48,7 +48,7 @@ PACKAGE = ROOT / "theworld_jax"
 # layer and the layers below it, never from one above.
 LAYERS = (
     ("foundation", ("config", "progress", "io_safety", "sharding", "sampling", "spatial_regions", "jit",
-                    "attention", "interval_attention")),
+                    "attention", "interval_attention", "decode_attention")),
     ("modeling primitives", ("modeling",)),
     ("models", ("modeling.gemma3", "modeling.cosmos_vae", "modeling.theworld")),
     ("weights", ("weights",)),
