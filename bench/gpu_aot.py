@@ -241,8 +241,22 @@ def compile_program(args) -> tuple[str, dict]:
     record = dict(program=args.program, batch=args.batch, sampling=args.sampling, variant=args.variant,
                   top_k=args.top_k if args.sampling else None, top_p=args.top_p if args.sampling else None,
                   options={k: str(v) for k, v in options.items()}, jax=jax.__version__,
-                  device=str(sharding.mesh.devices.flat[0]), lower_s=round(t1 - t0, 2), compile_s=round(t2 - t1, 2))
+                  device=str(sharding.mesh.devices.flat[0]), lower_s=round(t1 - t0, 2), compile_s=round(t2 - t1, 2),
+                  memory_gib=planned_memory(compiled))
     return compiled.as_text(), record
+
+
+def planned_memory(compiled) -> dict | None:
+    """XLA's memory plan of a compiled program in GiB: arguments, outputs, temporaries, aliased (donated
+    arguments reused as outputs) and their peak, arguments + outputs + temporaries - aliased (the fourth
+    session found it within 1 % of the H200's measured peak, bench/results/train_gpu.md)."""
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return None
+    parts = dict(arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
+                 temporaries=mem.temp_size_in_bytes, aliased=mem.alias_size_in_bytes)
+    parts["peak"] = parts["arguments"] + parts["outputs"] + parts["temporaries"] - parts["aliased"]
+    return {k: round(v / 2**30, 2) for k, v in parts.items()}
 
 
 def census_report(text: str, layers: int) -> dict:
@@ -320,7 +334,8 @@ def main(argv=None) -> int:
     record.update(census_report(text, args.layers))
     sampled = f"_sampling{f'_k{args.top_k}' if args.top_k else ''}" if args.sampling else ""
     tag = args.tag or f"{args.program}_B{args.batch}{sampled}_{args.variant}"
-    print(f"compiled in {record['compile_s']} s (lowered in {record['lower_s']} s)")
+    print(f"compiled in {record['compile_s']} s (lowered in {record['lower_s']} s); planned memory (GiB): "
+          f"{record['memory_gib']}")
     print(summary(tag, record))
     if args.program == "smoke":
         print(text[text.index("ENTRY"):])
