@@ -40,7 +40,7 @@ def supports(q: jax.Array, k: jax.Array) -> bool:
     group = n // k.shape[1]
     on_device = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
     return ((INTERPRET or on_device) and t == 1 and k.dtype == q.dtype and h in (16, 32, 64, 128, 256)
-            and group in (1, 2, 4, 8, 16) and k.shape[2] % BLOCK_SLOTS == 0)
+            and n % k.shape[1] == 0 and group in (1, 2, 4, 8, 16) and k.shape[2] % BLOCK_SLOTS == 0)
 
 
 def slices_for(batch: int, kv_heads: int, slots: int) -> int:
