@@ -134,11 +134,14 @@ def write_work(work: str, smoke: bool, rows: int) -> dict:
 def jax_worker(args) -> dict:
     import jax
 
+    from bench import train_variants
     from bench.common import trace_call
+
+    train_variants.apply(args.variant)
     from theworld_jax.train import loop
     from theworld_jax.train.config import load_config
 
-    overrides = [f"output_dir={os.path.join(args.work, f'run-{args.batch}')}",
+    overrides = [f"output_dir={os.path.join(args.work, f'run-{args.batch}-{args.variant}')}",
                  f"model.name={os.path.join(args.work, 'model')}", "model.random_init=true",
                  f"model.cosmos_model_name={os.path.join(args.work, 'vae.json')}",
                  f"data.train={os.path.join(args.work, 'data', 'train.jsonl')}", "data.eval=null",
@@ -171,7 +174,7 @@ def jax_worker(args) -> dict:
     stats = jax.local_devices()[0].memory_stats() or {}
     local, tokens = prepared[0]
     world = run.theworld.num_world_tokens(1)
-    result = {"side": "jax", "batch": args.batch, "remat": args.remat, "setup_s": setup_s, "first_step_s": times[0],
+    result = {"side": "jax", "batch": args.batch, "remat": args.remat, "variant": args.variant, "setup_s": setup_s, "first_step_s": times[0],
               "step_s": times[1:], "median_step_s": statistics.median(times[1:] or times), "losses": losses,
               "window_step_s": window_step_s if args.window else None, "fused_tokens_per_row": tokens / args.batch, "padded_length": run.sampler.step(0).length,
               "world_tokens": world, "image_tokens": run.theworld.gemma_config.mm_tokens_per_image,
@@ -181,7 +184,7 @@ def jax_worker(args) -> dict:
               "device": jax.devices()[0].device_kind, "jax": jax.__version__}
     batch = loop.to_global(run.mesh, prepared[-1][0])
     trace_call(lambda: run.train_step.step(params, opt_state, run.split.frozen, batch), jax.block_until_ready,
-               f"train_b{args.batch}_{args.remat}")
+               f"train_b{args.batch}_{args.remat}_{args.variant}")
     return result
 
 
@@ -280,15 +283,16 @@ def torch_worker(args, shape: dict) -> dict:
 
 # ---------------------------------------------------------------- the driver
 
-def run_worker(args, side: str, batch: int, remat: str, shape: dict | None) -> dict:
-    out = os.path.join(args.out, f"{side}_b{batch}.json")
+def run_worker(args, side: str, batch: int, remat: str, shape: dict | None, variant: str = "plain") -> dict:
+    out = os.path.join(args.out, f"{side}_b{batch}{'' if variant == 'plain' else '_' + variant}.json")
     cmd = [sys.executable, "-m", "bench.train_gpu", "--worker", side, "--batch", str(batch), "--remat", remat,
-           "--work", args.work, "--out", args.out, "--steps", str(args.steps), "--window", str(args.window)]
+           "--work", args.work, "--out", args.out, "--steps", str(args.steps), "--window", str(args.window),
+           "--variant", variant]
     if args.cpu_smoke:
         cmd.append("--cpu-smoke")
     if shape is not None:
         cmd += ["--shape", json.dumps(shape)]
-    print(f"[{time.strftime('%H:%M:%S')}] {side} B={batch} remat={remat}", flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {side} B={batch} remat={remat} variant={variant}", flush=True)
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, text=True, capture_output=True)
@@ -296,7 +300,8 @@ def run_worker(args, side: str, batch: int, remat: str, shape: dict | None) -> d
         tail = (proc.stdout + proc.stderr)[-3000:]
         print(tail, flush=True)
         lines = [line for line in tail.splitlines() if line.strip()]
-        return {"side": side, "batch": batch, "remat": remat, "error": lines[-1] if lines else f"rc {proc.returncode}"}
+        return {"side": side, "batch": batch, "remat": remat, "variant": variant,
+                "error": lines[-1] if lines else f"rc {proc.returncode}"}
     with open(out) as f:
         result = json.load(f)
     result["process_s"] = time.perf_counter() - t0
@@ -333,15 +338,21 @@ def markdown(report: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         if "error" in r:
-            lines.append(f"| {r['side']} | {r['batch']} | {r['remat']} | error: {r['error'][:160]} | | | | | | |")
+            lines.append(f"| {_side(r)} | {r['batch']} | {r['remat']} | error: {r['error'][:160]} | | | | | | |")
             continue
         mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") is not None else "n/a"
         window = (f"{1000 * r['window_step_s']:.1f} | {r['window_tokens_per_s']:,.0f}" if r.get("window_step_s")
                   else "n/a | n/a")
-        lines.append(f"| {r['side']} | {r['batch']} | {r['remat']} | {1000 * r['median_step_s']:.1f} | "
+        lines.append(f"| {_side(r)} | {r['batch']} | {r['remat']} | {1000 * r['median_step_s']:.1f} | "
                      f"{r['tokens_per_s']:,.0f} | {window} | {mfu} | {r['peak_memory_gib']:.1f} | "
                      f"{r['first_step_s']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def _side(run: dict) -> str:
+    """The side, and a training variant other than plain (bench.train_variants)."""
+    variant = run.get("variant", "plain")
+    return run["side"] if variant == "plain" else f"{run['side']} ({variant})"
 
 
 def main(argv=None) -> None:
@@ -354,6 +365,9 @@ def main(argv=None) -> None:
     p.add_argument("--window", type=int, default=4, help="then this many steps back to back, timed together")
     p.add_argument("--work", default=None, help="scratch directory (default: OUT/work)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny models on CPU: checks the code path end to end")
+    p.add_argument("--variants", default="plain", help="JAX side: comma-separated bench.train_variants names, "
+                   "each undoing census changes for an A/B (plain: the code as it is)")
+    p.add_argument("--variant", default="plain", help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--remat", default="none", help=argparse.SUPPRESS)
@@ -363,7 +377,8 @@ def main(argv=None) -> None:
     args.work = args.work or os.path.join(args.out, "work")
     if args.worker:
         result = jax_worker(args) if args.worker == "jax" else torch_worker(args, json.loads(args.shape))
-        with open(os.path.join(args.out, f"{args.worker}_b{args.batch}.json"), "w") as f:
+        suffix = "" if args.variant == "plain" else "_" + args.variant
+        with open(os.path.join(args.out, f"{args.worker}_b{args.batch}{suffix}.json"), "w") as f:
             json.dump(result, f, indent=1)
         return
     batches = [int(b) for b in args.batches.split(",")]
@@ -379,7 +394,8 @@ def main(argv=None) -> None:
             remat = args.remat8 if batch >= 8 else "none"
             if side == "torch" and shape is None:  # the JAX runs' row shape, or the data's when only torch runs
                 shape = data_shape(args, cfg, world, vae_side, runs)
-            runs.append(run_worker(args, side, batch, remat, shape if side == "torch" else None))
+            for variant in (args.variants.split(",") if side == "jax" else ["plain"]):
+                runs.append(run_worker(args, side, batch, remat, shape if side == "torch" else None, variant))
     peak = None if args.cpu_smoke else next((v for k, v in PEAK_BF16.items()
                                              if any(k in str(r.get("device", "")) for r in runs)), None)
     flops_of = lambda seq, targets: model_flops(cfg["text"], cfg["vision"], seq, targets)  # noqa: E731

@@ -1,0 +1,63 @@
+"""Variants of the training step that undo one of the sixth session's deviceless-census changes each, for an
+A/B on the card in one device call (`python -m bench.train_gpu --side jax --batches 1 --variants ...`).
+
+Each variant patches the library in the worker process before the step is built:
+- `dot_merger`: TrainStep compiles with XLA's default options (the dot merger joins q/k/v and gate/up);
+- `autodiff_norm`: RMSNorm differentiated by autodiff instead of its written-out backward;
+- `gelu_aux`: the gated gelu's differentiated forward without the optimization barrier (XLA may compute the
+  gelu in the gate GEMM's GELU_AUX epilogue);
+- `siglip_2d_bias`: SigLIP's q/k/v as (D, N, H) products plus an (N, H) bias;
+- `before`: all four (the step as at c6aa2dd); `plain`: none.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _dot_merger():
+    from theworld_jax.train import step
+
+    step.COMPILER_OPTIONS = {}
+
+
+def _autodiff_norm():
+    from theworld_jax.modeling import layers
+
+    def rms_norm(x, weight, eps):
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+        return (normed * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+
+    layers.rms_norm = rms_norm
+
+
+def _gelu_aux():
+    from theworld_jax.modeling import layers
+
+    @jax.custom_vjp
+    def gelu_gated(gate, up):
+        return jax.nn.gelu(gate, approximate=True) * up
+
+    gelu_gated.defvjp(lambda gate, up: (gelu_gated(gate, up), (gate, up)), layers._gelu_gated_backward)
+    layers.gelu_gated = gelu_gated
+
+
+def _siglip_2d_bias():
+    from theworld_jax.modeling import siglip
+
+    siglip._project = lambda x, kernel, bias: jnp.einsum("BTD,DNH->BTNH", x, kernel) + bias
+
+
+PATCHES = {"dot_merger": _dot_merger, "autodiff_norm": _autodiff_norm, "gelu_aux": _gelu_aux,
+           "siglip_2d_bias": _siglip_2d_bias}
+VARIANTS = {"plain": (), "before": tuple(PATCHES), **{name: (name,) for name in PATCHES}}
+
+
+def apply(variant: str) -> None:
+    """Patch the library for `variant` (a name of VARIANTS)."""
+    if variant not in VARIANTS:
+        raise SystemExit(f"unknown training variant {variant!r}; expected one of {sorted(VARIANTS)}")
+    for name in VARIANTS[variant]:
+        PATCHES[name]()
