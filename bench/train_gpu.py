@@ -174,7 +174,8 @@ def jax_worker(args) -> dict:
     stats = jax.local_devices()[0].memory_stats() or {}
     local, tokens = prepared[0]
     world = run.theworld.num_world_tokens(1)
-    result = {"side": "jax", "batch": args.batch, "remat": args.remat, "variant": args.variant, "setup_s": setup_s, "first_step_s": times[0],
+    result = {"side": "jax", "batch": args.batch, "remat": args.remat, "variant": args.variant,
+              "setup_s": setup_s, "first_step_s": times[0],
               "step_s": times[1:], "median_step_s": statistics.median(times[1:] or times), "losses": losses,
               "window_step_s": window_step_s if args.window else None, "fused_tokens_per_row": tokens / args.batch, "padded_length": run.sampler.step(0).length,
               "world_tokens": world, "image_tokens": run.theworld.gemma_config.mm_tokens_per_image,
