@@ -174,8 +174,8 @@ def kernel_kind(op: str, rest: str, name: str, fused: dict[str, list[str]]) -> s
 
 def moved_bytes(op: str, rest: str, out_shape: str, shapes: dict[str, str], fused: dict[str, list[str]]) -> int:
     """Bytes one kernel reads and writes: its result and operands (`shapes`: name -> shape of the
-    instructions before it), a fusion parameter used only through slices counted as those slices, an
-    in-place dynamic-update-slice as its update only. An estimate: a fusion may read a broadcast
+    instructions before it), a fusion parameter used only through slices (of it or of its bitcasts) counted
+    as those slices, an in-place dynamic-update-slice as its update only. An estimate: a fusion may read a broadcast
     operand more than once."""
     operands = [shapes.get(o, "") for o in re.findall(r"%([\w.\-]+)", rest.split("), ")[0])]
     sizes = [nbytes(s) for s in operands]
@@ -188,10 +188,26 @@ def moved_bytes(op: str, rest: str, out_shape: str, shapes: dict[str, str], fuse
         if m.group(3) == "parameter":
             params[m.group(1)] = int(re.match(r"\d+", m.group(4)).group(0))
         for o in re.findall(r"%([\w.\-]+)", m.group(4).split("), ")[0]):
-            users[o].append((m.group(3), m.group(2)))
+            users[o].append((m.group(3), m.group(2), m.group(1)))
+
+    def sliced(name: str) -> int | None:  # bytes read when `name` is used only through slices (and bitcasts)
+        total = 0
+        for kind, shape, user in users[name]:
+            if kind in ("slice", "dynamic-slice"):
+                total += nbytes(shape)
+            elif kind == "bitcast" and users[user]:
+                inner = sliced(user)
+                if inner is None:
+                    return None
+                total += inner
+            else:
+                return None
+        return total if users[name] else None
+
     for name, i in params.items():
-        if i < len(sizes) and users[name] and all(u in ("slice", "dynamic-slice") for u, _ in users[name]):
-            sizes[i] = min(sizes[i], sum(nbytes(shape) for _, shape in users[name]))
+        read = sliced(name) if i < len(sizes) else None
+        if read is not None:
+            sizes[i] = min(sizes[i], read)
     root = _INSTRUCTION.match(_root(rest, fused)) if lines else None
     if root and root.group(3) == "dynamic-update-slice":  # in place: the update is read and written
         return 2 * min((s for s in sizes if s), default=0)
