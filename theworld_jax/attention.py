@@ -211,7 +211,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Attent
 def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, window: int | None,
                     scale: float, implementation: str | None = None) -> jax.Array:
     """Attention over a KV cache stored heads-first: q (B,T,N,H), k/v (B,K,S,H), `mask` the cache's key
-    mask (k_index = the token index of each slot, -1 = none) -> (B,T,N,H).
+    mask (`LayerCache.key_mask`: k_index the token index of each slot, -1 = none; k_valid = k_index >= 0;
+    no key blocks) -> (B,T,N,H).
 
     One new token per row on a GPU (a decode step) takes the fused decode kernel
     (`theworld_jax.decode_attention`) unless implementation="xla"; anything else goes to
