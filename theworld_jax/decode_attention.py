@@ -3,7 +3,7 @@
 XLA's decode attention is five kernels per layer (q.k products, the softmax's max, its sum, the
 probabilities, probabilities.v), each small and latency-bound. Here one kernel reads each cached key and
 value once and keeps an online softmax (flash decoding): a program per (row, KV head, slice of the
-slots), then XLA combines the slices' partial results (three small fusions). The mask is the
+slots), then a second kernel per (row, KV head) combines the slices' partial results. The mask is the
 cache's own: a slot holds the sequence index of its token (-1 = empty or padding), and the query at
 index q sees the slots with 0 <= index <= q (and index > q - window on sliding layers):
 `AttentionMask.allowed` for cached keys, which carry no bidirectional block.
@@ -121,8 +121,28 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array,
         interpret=INTERPRET,
         name="decode_attention",
     )(q_index.astype(jnp.int32), q.reshape(b, kv_heads, group, h), k, v, index.astype(jnp.int32))
-    top = jnp.max(m, axis=2, keepdims=True)
-    weight = jnp.exp(m - top)  # (B,K,C,G): a slice that saw no slot has l = 0
-    total = jnp.sum(weight * l, axis=2)
-    out = jnp.sum(weight[..., None] * o, axis=2) / jnp.where(total > 0, total, 1.0)[..., None]
-    return out.reshape(b, 1, n, h).astype(q.dtype)
+    padded = pl.next_power_of_2(count)
+    out = pl.pallas_call(
+        functools.partial(_combine_kernel, count=count),
+        grid=(b, kv_heads),
+        in_specs=[pl.BlockSpec((None, None, padded, group, h), lambda r, j: (r, j, 0, 0, 0)),
+                  pl.BlockSpec((None, None, padded, group), lambda r, j: (r, j, 0, 0)),
+                  pl.BlockSpec((None, None, padded, group), lambda r, j: (r, j, 0, 0))],
+        out_specs=pl.BlockSpec((None, None, group, h), lambda r, j: (r, j, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, kv_heads, group, h), q.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+        interpret=INTERPRET,
+        name="decode_attention_combine",
+    )(o, m, l)
+    return out.reshape(b, 1, n, h)
+
+
+def _combine_kernel(o_ref, m_ref, l_ref, out_ref, *, count: int):
+    """One (row, KV head): the C slices' o (C,G,H), m (C,G), l (C,G) (rows past `count` masked) -> the
+    normalised output (G,H). A slice that saw no slot has l = 0; a row that saw none gets zeros."""
+    used = jnp.arange(o_ref.shape[0]) < count
+    m = plgpu.load(m_ref, mask=used[:, None], other=-jnp.inf)
+    weight = jnp.exp(m - jnp.max(m, axis=0)[None, :])  # (C,G)
+    total = jnp.sum(weight * plgpu.load(l_ref, mask=used[:, None], other=0.0), axis=0)
+    o = jnp.sum(weight[:, :, None] * plgpu.load(o_ref, mask=used[:, None, None], other=0.0), axis=0)
+    out_ref[...] = (o / jnp.where(total > 0, total, 1.0)[:, None]).astype(out_ref.dtype)
