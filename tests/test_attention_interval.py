@@ -181,3 +181,48 @@ def test_entry_point_on_cpu_takes_the_oracle_and_full_attention_without_a_mask()
     full = dot_product_attention(q, k, v, None, window=None, scale=SCALE)
     ref = jax.nn.dot_product_attention(q, k, v, scale=SCALE, implementation="xla")
     np.testing.assert_allclose(np.asarray(full), np.asarray(ref), atol=1e-5, rtol=1e-5)
+
+
+def test_blocks_past_the_window_take_the_band_and_equal_the_oracle(monkeypatch):
+    """Every block at least W - 1 tokens past its row's start: the block rows come from the band call (the
+    reversed call is replaced by NaNs here, so taking it would fail), outputs and gradients exact."""
+    import theworld_jax.interval_attention as interval
+
+    monkeypatch.setattr(interval, "_reversed_block_rows",
+                        lambda qr, kr, vr, e, *, bound, **_: jnp.full(qr.shape[:1] + (bound,) + qr.shape[2:], jnp.nan))
+    attention_mask = np.ones((3, 60), np.int32)
+    attention_mask[1, :5] = 0
+    attention_mask[2, 52:] = 0
+    types = np.zeros((3, 60), np.int32)
+    types[0, 10:18], types[0, 25:29] = 1, 1
+    types[1, 13:21] = 1  # 8 tokens past the row's first (5): exactly W - 1
+    types[2, 40:52] = 1  # touches the right padding
+    mask = make_attention_mask(attention_mask, types)
+    window, real = 9, attention_mask.astype(bool)
+    q, k, v = _qkv(7, 3, 60)
+    out, ref = _interval(mask, window)(q, k, v), _oracle(mask, window)(q, k, v)
+    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=2e-6, rtol=1e-5)
+    cotangent = jax.random.normal(jax.random.PRNGKey(9), q.shape) * attention_mask[:, :, None, None]
+
+    def grads(fn):
+        return jax.jit(jax.grad(lambda *x: jnp.sum(fn(*x) * cotangent), argnums=(0, 1, 2)))(q, k, v)
+
+    for ours, theirs, name in zip(grads(_interval(mask, window)), grads(_oracle(mask, window)), "qkv"):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=5e-6, rtol=1e-5, err_msg=f"d{name}")
+
+
+def test_a_block_near_its_row_start_takes_the_reversed_call(monkeypatch):
+    """One block closer than W - 1 to its row's start: the band would read keys before the row, so the
+    reversed call serves (the band is replaced by NaNs here)."""
+    import theworld_jax.interval_attention as interval
+
+    monkeypatch.setattr(interval, "_band_block_rows",
+                        lambda qr, kr, vr, e, *, bound, **_: jnp.full(qr.shape[:1] + (bound,) + qr.shape[2:], jnp.nan))
+    attention_mask = np.ones((2, 48), np.int32)
+    types = np.zeros((2, 48), np.int32)
+    types[0, 20:28] = 1
+    types[1, 7:15] = 1  # 7 tokens past the row's start: one short of W - 1
+    mask = make_attention_mask(attention_mask, types)
+    q, k, v = _qkv(8, 2, 48)
+    out, ref = _interval(mask, 9)(q, k, v), _oracle(mask, 9)(q, k, v)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-6, rtol=1e-5)

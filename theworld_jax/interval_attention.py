@@ -14,9 +14,13 @@ blocks contiguous, the mask rule of attention.py lets every real query t see ONE
 3. block rows recomputed, one batched call per group of equal bounds in `Layout.blocks` (slot r holds
    each row's r-th longest block, padded to its bound L):
    - no window: queries [s, s + L) against all keys with key_value_seq_lengths = block end e;
-   - window W: the block reversed: problem position j < W - 1 is a dummy query, j = W - 1 + i holds
-     query e - 1 - i, key j holds token e - 1 - j; top-left causality then lets query e - 1 - i see keys
-     down to e - i - W, and key_value_seq_lengths = e keeps positions before the row's start out;
+   - window W, every block at least W - 1 tokens past its row's start (a lax.cond picks per call): a band.
+     Problem query m holds token e - L + m, key j holds token e - L - W + 1 + j; a left bound without a
+     causal mask (key j >= query m: cuDNN's sliding window of 1 with is_causal=False) and
+     key_value_seq_lengths = L + W - 1 give query t the keys [t - W + 1, e), with no dummy queries;
+   - window W otherwise: the block reversed: problem position j < W - 1 is a dummy query, j = W - 1 + i
+     holds query e - 1 - i, key j holds token e - 1 - j; top-left causality then lets query e - 1 - i see
+     keys down to e - i - W, and key_value_seq_lengths = e keeps positions before the row's start out;
    their outputs replace the main call's rows of those queries (whose gradient is then zero);
 4. roll back; padding queries get zeros, rows that break the `Layout` get NaN.
 Gradients come from the kernel's own backward: no log-sum-exp merge is needed. Every move of rows is a
@@ -25,6 +29,8 @@ sequence would turn into scatter-adds in the backward pass.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -119,8 +125,7 @@ def interval_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Attention
         ok &= first == 0
         first = jnp.zeros_like(first)
         qr, kr, vr = (_pad_length(x, tp) for x in (q, k, v))
-    attend = lambda q_, k_, v_, **kw: jax.nn.dot_product_attention(q_, k_, v_, scale=scale, implementation=backend,
-                                                                   **kw)
+    attend = functools.partial(_attend, scale=scale, backend=backend)
     out = attend(qr, kr, vr, is_causal=True, local_window_size=None if window is None else (window - 1, 0))
     for slot, bound in enumerate(mask.layout.blocks):
         s = plan["begin"][:, slot] - first  # (B,) the block's rolled start
@@ -132,6 +137,17 @@ def interval_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Attention
     return jnp.where(ok[:, None, None, None], out, jnp.asarray(jnp.nan, out.dtype))
 
 
+def _attend(q, k, v, *, scale, backend, band=False, **kw):
+    """jax.nn.dot_product_attention on `backend`; band=True: query i sees keys j >= i only (below
+    key_value_seq_lengths), which cuDNN reads from a sliding window of 1 without a causal mask and
+    jax.nn's XLA backend (where that window means the diagonal) gets as an explicit mask."""
+    if band and backend == "cudnn":
+        kw["local_window_size"] = (0, 0)
+    elif band:
+        kw["mask"] = (jnp.arange(k.shape[1])[None, :] >= jnp.arange(q.shape[1])[:, None])[None, None]
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=backend, **kw)
+
+
 def _block_rows(qr, kr, vr, s, e, bound, attend, window, multiple):
     """The exact outputs of the block [s, e) of each row (length <= bound): (rows (B, bound, N, H), the
     rolled position of rows[:, 0] (B,), which rows belong to the block (B, bound))."""
@@ -140,12 +156,34 @@ def _block_rows(qr, kr, vr, s, e, bound, attend, window, multiple):
         size = _round_up(bound, multiple)
         rows = attend(_window(qr, s, size), kr, vr, key_value_seq_lengths=jnp.maximum(e, 1))[:, :bound]
         return rows, s, j < (e - s)[:, None]
-    # Reversed: problem position W - 1 + i holds query e - 1 - i, key position j holds token e - 1 - j.
+    keep = j >= bound - (e - s)[:, None]
+    reversed_rows = functools.partial(_reversed_block_rows, bound=bound, attend=attend, window=window,
+                                      multiple=multiple)
+    if window - 1 < _round_up(bound, multiple) - bound:  # padding queries of the band would see no key
+        return reversed_rows(qr, kr, vr, e), e - bound, keep
+    band_rows = functools.partial(_band_block_rows, bound=bound, attend=attend, window=window, multiple=multiple)
+    far = jnp.all((s >= window - 1) | (e == s))  # every block's keys lie inside its row
+    return jax.lax.cond(far, band_rows, reversed_rows, qr, kr, vr, e), e - bound, keep
+
+
+def _band_block_rows(qr, kr, vr, e, *, bound, attend, window, multiple):
+    """rows[m] (B, bound, N, H): query e - bound + m over keys [e - bound + m - W + 1, e); exact for the
+    block's queries when they lie at least W - 1 tokens past the row's start (no earlier key is needed)."""
+    keys = bound + window - 1
+    size = _round_up(keys, multiple)
+    queries = _window(qr, e - bound, _round_up(bound, multiple))
+    k, v = (_window(x, e - keys, size) for x in (kr, vr))
+    lengths = jnp.full(e.shape, keys, jnp.int32)
+    return attend(queries, k, v, band=True, key_value_seq_lengths=lengths)[:, :bound]
+
+
+def _reversed_block_rows(qr, kr, vr, e, *, bound, attend, window, multiple):
+    """rows[m] (B, bound, N, H): query e - bound + m over keys [max(0, e - bound + m - W + 1), e), from
+    the block reversed behind W - 1 dummy queries (top-left causal)."""
     size = _round_up(bound + window - 1, multiple)
     flip = lambda x: jnp.flip(x, axis=1)
     queries = flip(_window(qr, e - bound, bound))
     queries = jnp.pad(queries, ((0, 0), (window - 1, size - bound - window + 1), (0, 0), (0, 0)))
     keys, values = (flip(_window(x, e - size, size)) for x in (kr, vr))
     out = attend(queries, keys, values, is_causal=True, key_value_seq_lengths=jnp.clip(e, 1, size))
-    rows = flip(out[:, window - 1:window - 1 + bound])  # rows[m] is query e - bound + m
-    return rows, e - bound, j >= bound - (e - s)[:, None]
+    return flip(out[:, window - 1:window - 1 + bound])  # rows[m] is query e - bound + m
