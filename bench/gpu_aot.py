@@ -166,7 +166,8 @@ def train(args):
                  for p, v in nnx.to_flat_state(split.template)}
     optimizer = make_optimizer(config.optimizer, 10, trainable)
     theworld = types.SimpleNamespace(gemma_config=gemma, config=world, num_world_tokens=lambda frames: 4096)
-    step = TrainStep(split, optimizer, layout=model_lib.attention_layout(theworld), remat=config.model.remat)
+    layout = model_lib.attention_layout(theworld, image_start=4096 + 3)  # the launcher's rows: <bos>, markers, world
+    step = TrainStep(split, optimizer, layout=layout, remat=config.model.remat)
     rows, ids, image = (1, args.batch), 4480 - 4096, gemma.vision.image_size
     s = lambda *shape, dtype=jnp.int32: jax.ShapeDtypeStruct(rows + shape, dtype)  # noqa: E731
     batch = dict(input_ids=s(ids), attention_mask=s(ids), token_type_ids=s(ids), labels=s(ids), keep=s(24),

@@ -9,10 +9,9 @@ Each variant patches the library in the worker process before the step is built:
 - `siglip_2d_bias`: SigLIP's q/k/v as (D, N, H) products plus an (N, H) bias;
 - `before`: all four (the step as at c6aa2dd); `plain`: none.
 
-Seventh session, the sliding layers' block rows (`theworld_jax.interval_attention`):
-- `reversed_blocks`: always the reversed call (1,023 dummy queries in front of the block), as before;
-- `band_blocks`: always the band call, without the lax.cond that checks every block lies W - 1 tokens
-  past its row's start (exact for TheWorld's training rows, whose image follows the world tokens).
+Seventh session, the sliding layers' block rows (`theworld_jax.interval_attention`): `reversed_blocks`
+takes the reversed call (1,023 dummy queries in front of the block) where the Layout would let the band
+call serve.
 """
 
 from __future__ import annotations
@@ -55,25 +54,14 @@ def _siglip_2d_bias():
     siglip._project = lambda x, kernel, bias: jnp.einsum("BTD,DNH->BTNH", x, kernel) + bias
 
 
-def _block_rows_always(kind: str):
+def _reversed_blocks():
     from theworld_jax import interval_attention as ia
 
-    original = ia._block_rows
-    chosen = {"reversed": ia._reversed_block_rows, "band": ia._band_block_rows}[kind]
-
-    def block_rows(qr, kr, vr, s, e, bound, attend, window, multiple):
-        if window is None:
-            return original(qr, kr, vr, s, e, bound, attend, window, multiple)
-        keep = jnp.arange(bound, dtype=jnp.int32)[None] >= bound - (e - s)[:, None]
-        rows = chosen(qr, kr, vr, e, bound=bound, attend=attend, window=window, multiple=multiple)
-        return rows, e - bound, keep
-
-    ia._block_rows = block_rows
+    ia._band_serves = lambda *args: False
 
 
 PATCHES = {"dot_merger": _dot_merger, "autodiff_norm": _autodiff_norm, "gelu_aux": _gelu_aux,
-           "siglip_2d_bias": _siglip_2d_bias, "reversed_blocks": lambda: _block_rows_always("reversed"),
-           "band_blocks": lambda: _block_rows_always("band")}
+           "siglip_2d_bias": _siglip_2d_bias, "reversed_blocks": _reversed_blocks}
 CENSUS = ("dot_merger", "autodiff_norm", "gelu_aux", "siglip_2d_bias")
 VARIANTS = {"plain": (), "before": CENSUS, **{name: (name,) for name in PATCHES}}
 

@@ -140,7 +140,7 @@ def test_bidirectional_world_block_longer_than_the_window():
     types[0, 2:30], types[0, 33:37] = 1, 1
     types[1, 8:36], types[1, 40:44] = 1, 1
     mask = make_attention_mask(attention_mask, types)
-    assert mask.layout == Layout((32, 8))
+    assert mask.layout == Layout((32, 8), block_start=2)
     q, k, v = _qkv(3, 2, 50)
     out, ref = _interval(mask, 7)(q, k, v), _oracle(mask, 7)(q, k, v)
     real = attention_mask.astype(bool)
@@ -184,8 +184,9 @@ def test_entry_point_on_cpu_takes_the_oracle_and_full_attention_without_a_mask()
 
 
 def test_blocks_past_the_window_take_the_band_and_equal_the_oracle(monkeypatch):
-    """Every block at least W - 1 tokens past its row's start: the block rows come from the band call (the
-    reversed call is replaced by NaNs here, so taking it would fail), outputs and gradients exact."""
+    """Every block at least W - 1 tokens past its row's start (the Layout's block_start, from the host
+    mask): the block rows come from the band call (the reversed call is replaced by NaNs here, so taking
+    it would fail), outputs and gradients exact."""
     import theworld_jax.interval_attention as interval
 
     monkeypatch.setattr(interval, "_reversed_block_rows",
@@ -198,6 +199,7 @@ def test_blocks_past_the_window_take_the_band_and_equal_the_oracle(monkeypatch):
     types[1, 13:21] = 1  # 8 tokens past the row's first (5): exactly W - 1
     types[2, 40:52] = 1  # touches the right padding
     mask = make_attention_mask(attention_mask, types)
+    assert mask.layout.block_start == 8
     window, real = 9, attention_mask.astype(bool)
     q, k, v = _qkv(7, 3, 60)
     out, ref = _interval(mask, window)(q, k, v), _oracle(mask, window)(q, k, v)
@@ -223,6 +225,30 @@ def test_a_block_near_its_row_start_takes_the_reversed_call(monkeypatch):
     types[0, 20:28] = 1
     types[1, 7:15] = 1  # 7 tokens past the row's start: one short of W - 1
     mask = make_attention_mask(attention_mask, types)
+    assert mask.layout.block_start == 7
     q, k, v = _qkv(8, 2, 48)
     out, ref = _interval(mask, 9)(q, k, v), _oracle(mask, 9)(q, k, v)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-6, rtol=1e-5)
+
+
+def test_a_block_before_the_layouts_block_start_gets_nan():
+    attention_mask = np.ones((2, 48), np.int32)
+    types = np.zeros((2, 48), np.int32)
+    types[0, 20:28] = 1
+    types[1, 5:13] = 1
+    mask = make_attention_mask(attention_mask, types, layout=Layout((8,), left_padding=False, block_start=16))
+    bad = np.isnan(np.asarray(_interval(mask, 9)(*_qkv(8, 2, 48)))).any(axis=(1, 2, 3))
+    np.testing.assert_array_equal(bad, [False, True])
+
+
+def test_block_start_from_host_values():
+    types = np.zeros((2, 30), np.int32)
+    types[0, 12:20], types[1, 9:15] = 1, 1
+    mask = np.ones_like(types)
+    mask[1, :4] = 0
+    assert block_layout(types, mask).block_start == 5  # row 1: 9 - its first real token 4
+    assert block_layout(types).block_start == 9
+    assert block_layout(types, mask, extra_blocks=(16,)).block_start == 0  # the extra block's place: unknown
+    assert block_layout(np.zeros_like(types), mask).block_start == 0
+    with pytest.raises(ValueError, match="block_start"):
+        Layout((8,), block_start=-1)

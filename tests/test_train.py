@@ -213,6 +213,29 @@ def test_collective_final_save_clears_what_a_killed_save_left(stage1, tmp_path):
         np.testing.assert_array_equal(saved[key], original[key], err_msg=key)
 
 
+def test_dataset_image_starts_are_the_fused_image_positions():
+    """Dataset.image_starts (the training Layout's block_start comes from them) are where each row's image
+    begins once the world markers and tokens are in: after <bos>, <sow>, the world tokens and <eow>."""
+    from theworld_jax.train import data as data_lib
+    from theworld_jax.train import model as model_lib
+    from theworld_jax.tiny import DATA_DIR
+
+    config = load_config(TINY, [])
+    theworld = model_lib.build_theworld(config.model, init=None, seed=0)
+    extra, world = model_lib.extra_tokens(theworld), theworld.num_world_tokens(1)
+    sow_id = theworld.config.sow_token_id
+    encoder = data_lib.Encoder(theworld.processor, theworld.gemma_config.image_token_id, world_marker_id=sow_id)
+    dataset = data_lib.load_dataset(os.path.join(DATA_DIR, "train.jsonl"), config.data, encoder, extra_tokens=extra)
+    loader = data_lib.Loader(dataset, encoder, model_lib.image_preparer(theworld), extra_tokens=extra, pad_id=0,
+                             num_threads=1)
+    batch = model_lib.prepare(theworld, loader.batch(np.arange(3), 96))
+    image = np.argmax(batch["token_type_ids"] == 1, axis=1)
+    sow = np.argmax(batch["input_ids"] == sow_id, axis=1)
+    assert (sow < image).all()
+    np.testing.assert_array_equal(dataset.image_starts[:3], image + world)
+    assert model_lib.attention_layout(theworld, int(dataset.image_starts.min())).block_start > world
+
+
 def test_logits_at_labelled_positions_give_the_full_loss():
     """The step's loss (logits at the labelled positions only) equals the full-logits loss, and padding
     the rows further changes nothing."""

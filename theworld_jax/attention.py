@@ -45,14 +45,21 @@ class Layout:
 
     left_padding False: every row's real tokens also begin at position 0 (right padding or none, as in
     training batches), so the fast path attends in place instead of rolling each row to its first token.
+
+    block_start: every block begins at least this many tokens after its row's first real token (an image
+    after TheWorld's world tokens: over 4,000). Where it reaches a sliding window's W - 1, the fast path
+    recomputes the block rows without dummy queries (`theworld_jax.interval_attention`).
     """
 
     blocks: tuple[int, ...] = ()
     left_padding: bool = True
+    block_start: int = 0
 
     def __post_init__(self):
         if any(b < 1 for b in self.blocks) or list(self.blocks) != sorted(self.blocks, reverse=True):
             raise ValueError(f"Layout.blocks must be positive lengths in descending order, got {self.blocks}")
+        if self.block_start < 0:
+            raise ValueError(f"Layout.block_start must be >= 0, got {self.block_start}")
 
 
 @struct.dataclass
@@ -102,24 +109,32 @@ def block_layout(token_type_ids, attention_mask=None, *, extra_blocks: tuple[int
     """The `Layout` of a batch from host values: the runs of token_type_ids == 1 (on real tokens when
     attention_mask is a host value too), plus `extra_blocks` that every row gains (e.g. the bidirectional
     world block), lengths rounded up to `multiple`; left_padding False when a host attention_mask shows
-    every row starting at position 0. token_type_ids None: no blocks. None when token_type_ids is traced
-    (then only the caller knows a bound)."""
+    every row starting at position 0; block_start: the fewest tokens between a row's first real token and
+    one of its runs (0 with extra_blocks, whose place is not known here). token_type_ids None: no blocks.
+    None when token_type_ids is traced (then only the caller knows a bound)."""
     rows: list[list[int]] = [[]]
+    block_start = 0
     if token_type_ids is not None:
         if not _is_concrete(token_type_ids):
             return None
         types = np.asarray(token_type_ids) == 1
+        first = np.zeros(types.shape[0], np.int64)  # each row's first real token, when known
         if attention_mask is not None and _is_concrete(attention_mask):
-            types &= np.asarray(attention_mask) != 0
+            real = np.asarray(attention_mask) != 0
+            types &= real
+            first = np.argmax(real, axis=1)
         edges = np.diff(np.pad(types.astype(np.int8), ((0, 0), (1, 1))), axis=1)
         rows = [[int(n) for n in np.nonzero(e == -1)[0] - np.nonzero(e == 1)[0]] for e in edges]
+        starts = [int(np.nonzero(e == 1)[0][0] - f) for e, f in zip(edges, first) if (e == 1).any()]
+        rows_begin_known = attention_mask is None or _is_concrete(attention_mask)
+        block_start = min(starts) if starts and rows_begin_known and not extra_blocks else 0
     slots: list[int] = []
     for row in rows:
         for r, n in enumerate(sorted(row + [int(n) for n in extra_blocks], reverse=True)):
             if r == len(slots):
                 slots.append(0)
             slots[r] = max(slots[r], -(-n // multiple) * multiple)
-    return Layout(tuple(slots), left_padding=not _starts_at_zero(attention_mask))
+    return Layout(tuple(slots), left_padding=not _starts_at_zero(attention_mask), block_start=block_start)
 
 
 def _starts_at_zero(attention_mask) -> bool:

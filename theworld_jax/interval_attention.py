@@ -14,7 +14,7 @@ blocks contiguous, the mask rule of attention.py lets every real query t see ONE
 3. block rows recomputed, one batched call per group of equal bounds in `Layout.blocks` (slot r holds
    each row's r-th longest block, padded to its bound L):
    - no window: queries [s, s + L) against all keys with key_value_seq_lengths = block end e;
-   - window W, every block at least W - 1 tokens past its row's start (a lax.cond picks per call): a band.
+   - window W, blocks at least W - 1 tokens past their row's start (`Layout.block_start`): a band.
      Problem query m holds token e - L + m, key j holds token e - L - W + 1 + j; a left bound without a
      causal mask (key j >= query m: cuDNN's sliding window of 1 with is_causal=False) and
      key_value_seq_lengths = L + W - 1 give query t the keys [t - W + 1, e), with no dummy queries;
@@ -130,7 +130,10 @@ def interval_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Attention
     for slot, bound in enumerate(mask.layout.blocks):
         s = plan["begin"][:, slot] - first  # (B,) the block's rolled start
         e = s + plan["length"][:, slot]  # (B,) its rolled end
-        rows, at, keep = _block_rows(qr, kr, vr, s, e, bound, attend, window, multiple)
+        band = window is not None and _band_serves(bound, window, multiple, mask.layout.block_start)
+        if band:
+            ok &= (s >= mask.layout.block_start) | (e == s)
+        rows, at, keep = _block_rows(qr, kr, vr, s, e, bound, attend, window, multiple, band)
         out = _write(out, rows, at, keep)
     out = _window(out, -first, t) if mask.layout.left_padding else out[:, :t]
     out = jnp.where(mask.k_valid[:, :, None, None], out, jnp.zeros((), out.dtype))
@@ -148,22 +151,25 @@ def _attend(q, k, v, *, scale, backend, band=False, **kw):
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=backend, **kw)
 
 
-def _block_rows(qr, kr, vr, s, e, bound, attend, window, multiple):
+def _band_serves(bound: int, window: int, multiple: int, block_start: int) -> bool:
+    """Whether a sliding layer's block rows can come from the band call: every block begins W - 1 tokens
+    past its row's start (no key before the row is needed), and the band's padding queries (up to the
+    multiple) still see a key."""
+    return block_start >= window - 1 and window - 1 >= _round_up(bound, multiple) - bound
+
+
+def _block_rows(qr, kr, vr, s, e, bound, attend, window, multiple, band):
     """The exact outputs of the block [s, e) of each row (length <= bound): (rows (B, bound, N, H), the
-    rolled position of rows[:, 0] (B,), which rows belong to the block (B, bound))."""
+    rolled position of rows[:, 0] (B,), which rows belong to the block (B, bound)). band: a sliding
+    layer's rows from the band call (`_band_serves`), else from the reversed one."""
     j = jnp.arange(bound, dtype=jnp.int32)[None]
     if window is None:
         size = _round_up(bound, multiple)
         rows = attend(_window(qr, s, size), kr, vr, key_value_seq_lengths=jnp.maximum(e, 1))[:, :bound]
         return rows, s, j < (e - s)[:, None]
-    keep = j >= bound - (e - s)[:, None]
-    reversed_rows = functools.partial(_reversed_block_rows, bound=bound, attend=attend, window=window,
-                                      multiple=multiple)
-    if window - 1 < _round_up(bound, multiple) - bound:  # padding queries of the band would see no key
-        return reversed_rows(qr, kr, vr, e), e - bound, keep
-    band_rows = functools.partial(_band_block_rows, bound=bound, attend=attend, window=window, multiple=multiple)
-    far = jnp.all((s >= window - 1) | (e == s))  # every block's keys lie inside its row
-    return jax.lax.cond(far, band_rows, reversed_rows, qr, kr, vr, e), e - bound, keep
+    rows_of = _band_block_rows if band else _reversed_block_rows
+    rows = rows_of(qr, kr, vr, e, bound=bound, attend=attend, window=window, multiple=multiple)
+    return rows, e - bound, j >= bound - (e - s)[:, None]
 
 
 def _band_block_rows(qr, kr, vr, e, *, bound, attend, window, multiple):

@@ -42,7 +42,11 @@ class Encoder:
     expands it). Labels are the assistant turns (content and <end_of_turn>) or, with loss_on "all",
     every token."""
 
-    def __init__(self, processor, image_token_id: int, loss_on: str = "assistant"):
+    def __init__(self, processor, image_token_id: int, loss_on: str = "assistant", *,
+                 world_marker_id: int | None = None):
+        """world_marker_id: <start_of_world>'s id (None without the world branch): a row whose text
+        carries it keeps its markers where they are, other rows get them after BOS."""
+        self.world_marker_id = world_marker_id
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_sequence = processor.full_image_sequence
@@ -89,21 +93,27 @@ class Encoder:
         return {"input_ids": ids, "labels": labels,
                 "token_type_ids": (ids == self.image_token_id).astype(np.int32)}
 
-    def measure(self, samples: list[Sample]) -> tuple[np.ndarray, np.ndarray]:
-        """(token lengths, target token counts) of `samples` (one batched tokenizer call)."""
+    def measure(self, samples: list[Sample]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(token lengths, target token counts, each text's first image token (its length when it has
+        none), whether it carries the world marker) of `samples` (one batched tokenizer call)."""
         if not samples:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool)
         rendered = [self.text_and_spans(s) for s in samples]
         enc = self.tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
-        lengths, targets = [], []
-        for (_, spans), offsets in zip(rendered, enc["offset_mapping"]):
+        lengths, targets, image_starts, markers = [], [], [], []
+        for (_, spans), offsets, ids in zip(rendered, enc["offset_mapping"], enc["input_ids"]):
+            ids = np.asarray(ids)
+            image = np.flatnonzero(ids == self.image_token_id)
+            image_starts.append(int(image[0]) if len(image) else len(ids))
+            markers.append(self.world_marker_id is not None and bool((ids == self.world_marker_id).any()))
             lengths.append(len(offsets))
             if self.loss_on == "all":
                 targets.append(len(offsets))
             else:
                 starts = np.asarray([a for a, _ in offsets])
                 targets.append(int(sum(((starts >= a) & (starts < b)).sum() for a, b in spans)))
-        return np.asarray(lengths, np.int64), np.asarray(targets, np.int64)
+        return (np.asarray(lengths, np.int64), np.asarray(targets, np.int64), np.asarray(image_starts, np.int64),
+                np.asarray(markers, bool))
 
 
 # ---------------------------------------------------------------- the dataset
@@ -112,12 +122,14 @@ class Encoder:
 @dataclasses.dataclass
 class Dataset:
     """The usable samples of a file, their text lengths and target token counts, and why the others were
-    skipped."""
+    skipped. image_starts: each sample's first image token in the fused row (world markers and tokens
+    included; a lower bound where the text carries its own markers)."""
 
     samples: list[Sample]
     lengths: np.ndarray
     targets: np.ndarray
     skipped: collections.Counter
+    image_starts: np.ndarray
 
     @property
     def num_skipped(self) -> int:
@@ -147,12 +159,13 @@ def load_dataset(path: str, data_cfg, encoder: Encoder, *, extra_tokens: int, ma
             skipped[_reason(str(e))] += 1
             continue
         samples.append(sample)
-    lengths, targets = encoder.measure(samples)
+    lengths, targets, image_starts, markers = encoder.measure(samples)
+    image_starts = image_starts + np.where(markers, 0, extra_tokens)  # markers injected after BOS otherwise
     keep = lengths + extra_tokens <= data_cfg.max_length
     if (~keep).any():
         skipped["longer than max_length (world tokens included)"] += int((~keep).sum())
     samples = [s for s, k in zip(samples, keep) if k]
-    return Dataset(samples, lengths[keep], targets[keep], skipped)
+    return Dataset(samples, lengths[keep], targets[keep], skipped, image_starts[keep])
 
 
 def _reason(message: str) -> str:

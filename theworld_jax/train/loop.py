@@ -75,7 +75,8 @@ def setup(config) -> tuple[Run, dict, data_lib.Dataset, data_lib.Dataset | None]
     split = model_lib.split_trainable(theworld.model, paths)
 
     gemma = theworld.gemma_config
-    encoder = data_lib.Encoder(theworld.processor, gemma.image_token_id, config.data.loss_on)
+    encoder = data_lib.Encoder(theworld.processor, gemma.image_token_id, config.data.loss_on,
+                               world_marker_id=theworld.config.sow_token_id if theworld.config.enable_world else None)
     extra = model_lib.extra_tokens(theworld)
     train_set = data_lib.load_dataset(config.data.train, config.data, encoder, extra_tokens=extra)
     eval_set = None
@@ -101,7 +102,9 @@ def setup(config) -> tuple[Run, dict, data_lib.Dataset, data_lib.Dataset | None]
     trainable = split.initial_trainable()
     optimizer = make_optimizer(config.optimizer, total, trainable)
     keep = model_lib.keep_size(train_set.targets)
-    step = TrainStep(split, optimizer, layout=model_lib.attention_layout(theworld), remat=config.model.remat)
+    image_start = min(int(d.image_starts.min(initial=config.data.max_length)) for d in (train_set, eval_set) if d is not None)
+    layout = model_lib.attention_layout(theworld, image_start)
+    step = TrainStep(split, optimizer, layout=layout, remat=config.model.remat)
     run = Run(config, theworld, mesh, split, step, sampler, loader, total, batch_devices, keep)
     replicated = NamedSharding(mesh, PartitionSpec())
     opt_state = jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),

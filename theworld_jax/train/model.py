@@ -170,15 +170,18 @@ def with_keep(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     return {**batch, "keep": labelled_positions(batch["labels"], size)}
 
 
-def attention_layout(theworld):
+def attention_layout(theworld, image_start: int = 0):
     """The fast attention path's static bound for training rows (one image each, plus the world block
-    when world attention is bidirectional; right padded, so no left padding): one compile whatever the batch."""
+    when world attention is bidirectional; right padded, so no left padding): one compile whatever the batch.
+    image_start: no row's image begins before this fused position (`Dataset.image_starts`)."""
     from theworld_jax.attention import Layout
 
     blocks = [theworld.gemma_config.mm_tokens_per_image]
-    if theworld.config.enable_world and theworld.config.world_attention == "bidirectional":
+    bidirectional = theworld.config.enable_world and theworld.config.world_attention == "bidirectional"
+    if bidirectional:
         blocks.append(theworld.num_world_tokens(1))
-    return Layout(tuple(sorted((-(-n // 8) * 8 for n in blocks), reverse=True)), left_padding=False)
+    return Layout(tuple(sorted((-(-n // 8) * 8 for n in blocks), reverse=True)), left_padding=False,
+                  block_start=0 if bidirectional else int(image_start))  # the world block begins after BOS
 
 
 def extra_tokens(theworld) -> int:
