@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.common import timed  # noqa: E402
-from theworld_jax.attention import _xla_attention, dot_product_attention, make_attention_mask  # noqa: E402
+from theworld_jax.attention import (_xla_attention, block_layout, dot_product_attention,  # noqa: E402
+                                    make_attention_mask)
 from theworld_jax.interval_attention import interval_attention  # noqa: E402
 
 
@@ -47,7 +48,8 @@ def make_mask(s: dict, block: tuple[int, int]):
     start, length = block
     types[0, start:start + length] = 1
     types[1, s["pad"] + start:s["pad"] + start + length] = 1
-    return attention_mask, make_attention_mask(attention_mask, types)
+    layout = block_layout(types, attention_mask, window=s["W"])  # block_start W - 1 for the late image
+    return attention_mask, make_attention_mask(attention_mask, types, layout=layout)
 
 
 def median_ms(fn, args, iters: int) -> float:

@@ -140,7 +140,7 @@ def test_bidirectional_world_block_longer_than_the_window():
     types[0, 2:30], types[0, 33:37] = 1, 1
     types[1, 8:36], types[1, 40:44] = 1, 1
     mask = make_attention_mask(attention_mask, types)
-    assert mask.layout == Layout((32, 8), block_start=2)
+    assert mask.layout == Layout((32, 8))
     q, k, v = _qkv(3, 2, 50)
     out, ref = _interval(mask, 7)(q, k, v), _oracle(mask, 7)(q, k, v)
     real = attention_mask.astype(bool)
@@ -198,9 +198,9 @@ def test_blocks_past_the_window_take_the_band_and_equal_the_oracle(monkeypatch):
     types[0, 10:18], types[0, 25:29] = 1, 1
     types[1, 13:21] = 1  # 8 tokens past the row's first (5): exactly W - 1
     types[2, 40:52] = 1  # touches the right padding
-    mask = make_attention_mask(attention_mask, types)
-    assert mask.layout.block_start == 8
     window, real = 9, attention_mask.astype(bool)
+    mask = make_attention_mask(attention_mask, types, layout=block_layout(types, attention_mask, window=window))
+    assert mask.layout.block_start == 8
     q, k, v = _qkv(7, 3, 60)
     out, ref = _interval(mask, window)(q, k, v), _oracle(mask, window)(q, k, v)
     np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=2e-6, rtol=1e-5)
@@ -224,8 +224,7 @@ def test_a_block_near_its_row_start_takes_the_reversed_call(monkeypatch):
     types = np.zeros((2, 48), np.int32)
     types[0, 20:28] = 1
     types[1, 7:15] = 1  # 7 tokens past the row's start: one short of W - 1
-    mask = make_attention_mask(attention_mask, types)
-    assert mask.layout.block_start == 7
+    mask = make_attention_mask(attention_mask, types, layout=Layout((8,), left_padding=False, block_start=7))
     q, k, v = _qkv(8, 2, 48)
     out, ref = _interval(mask, 9)(q, k, v), _oracle(mask, 9)(q, k, v)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-6, rtol=1e-5)
@@ -246,9 +245,11 @@ def test_block_start_from_host_values():
     types[0, 12:20], types[1, 9:15] = 1, 1
     mask = np.ones_like(types)
     mask[1, :4] = 0
-    assert block_layout(types, mask).block_start == 5  # row 1: 9 - its first real token 4
-    assert block_layout(types).block_start == 9
-    assert block_layout(types, mask, extra_blocks=(16,)).block_start == 0  # the extra block's place: unknown
-    assert block_layout(np.zeros_like(types), mask).block_start == 0
+    assert block_layout(types, mask, window=6).block_start == 5  # row 1: 9 - its first real token 4
+    assert block_layout(types, mask, window=7).block_start == 0  # 5 < W - 1
+    assert block_layout(types, window=10).block_start == 9
+    assert block_layout(types, mask).block_start == 0  # no window given
+    assert block_layout(types, mask, extra_blocks=(16,), window=2).block_start == 0  # the extra block: unknown
+    assert block_layout(np.zeros_like(types), mask, window=2).block_start == 0
     with pytest.raises(ValueError, match="block_start"):
         Layout((8,), block_start=-1)

@@ -48,7 +48,8 @@ class Layout:
 
     block_start: every block begins at least this many tokens after its row's first real token (an image
     after TheWorld's world tokens: over 4,000). Where it reaches a sliding window's W - 1, the fast path
-    recomputes the block rows without dummy queries (`theworld_jax.interval_attention`).
+    recomputes the block rows without dummy queries (`theworld_jax.interval_attention`). The training
+    launcher sets it from its data; `block_layout` with a `window`; 0 (the default) claims nothing.
     """
 
     blocks: tuple[int, ...] = ()
@@ -105,13 +106,14 @@ def _is_concrete(x) -> bool:
 
 
 def block_layout(token_type_ids, attention_mask=None, *, extra_blocks: tuple[int, ...] = (),
-                 multiple: int = 8) -> Layout | None:
+                 multiple: int = 8, window: int | None = None) -> Layout | None:
     """The `Layout` of a batch from host values: the runs of token_type_ids == 1 (on real tokens when
     attention_mask is a host value too), plus `extra_blocks` that every row gains (e.g. the bidirectional
     world block), lengths rounded up to `multiple`; left_padding False when a host attention_mask shows
-    every row starting at position 0; block_start: the fewest tokens between a row's first real token and
-    one of its runs (0 with extra_blocks, whose place is not known here). token_type_ids None: no blocks.
-    None when token_type_ids is traced (then only the caller knows a bound)."""
+    every row starting at position 0. window: the model's sliding window W; block_start is then W - 1 when
+    every run begins at least that far past its row's first real token (0 otherwise, and with extra_blocks,
+    whose place is not known here): two values, so prompts keep sharing compiled programs; None: 0.
+    token_type_ids None: no blocks. None when token_type_ids is traced (then only the caller knows a bound)."""
     rows: list[list[int]] = [[]]
     block_start = 0
     if token_type_ids is not None:
@@ -127,7 +129,8 @@ def block_layout(token_type_ids, attention_mask=None, *, extra_blocks: tuple[int
         rows = [[int(n) for n in np.nonzero(e == -1)[0] - np.nonzero(e == 1)[0]] for e in edges]
         starts = [int(np.nonzero(e == 1)[0][0] - f) for e, f in zip(edges, first) if (e == 1).any()]
         rows_begin_known = attention_mask is None or _is_concrete(attention_mask)
-        block_start = min(starts) if starts and rows_begin_known and not extra_blocks else 0
+        if window is not None and starts and rows_begin_known and not extra_blocks and min(starts) >= window - 1:
+            block_start = window - 1
     slots: list[int] = []
     for row in rows:
         for r, n in enumerate(sorted(row + [int(n) for n in extra_blocks], reverse=True)):

@@ -102,7 +102,8 @@ def setup(config) -> tuple[Run, dict, data_lib.Dataset, data_lib.Dataset | None]
     trainable = split.initial_trainable()
     optimizer = make_optimizer(config.optimizer, total, trainable)
     keep = model_lib.keep_size(train_set.targets)
-    image_start = min(int(d.image_starts.min(initial=config.data.max_length)) for d in (train_set, eval_set) if d is not None)
+    sets = [d for d in (train_set, eval_set) if d is not None]
+    image_start = min(int(d.image_starts.min(initial=config.data.max_length)) for d in sets)
     layout = model_lib.attention_layout(theworld, image_start)
     step = TrainStep(split, optimizer, layout=layout, remat=config.model.remat)
     run = Run(config, theworld, mesh, split, step, sampler, loader, total, batch_devices, keep)
