@@ -2,7 +2,10 @@
 
 The gemma-3-4b-it config (bench/common.py) with random bfloat16 weights on both sides
 (transformers' init with the tied embedding at std 0.02; every JAX parameter N(0, 0.02^2)): speed does not
-depend on the values, so the two sides need not share them. Same card, same run, transformers first (its memory is freed before JAX runs).
+depend on the values, so the two sides need not share them. Same card, same run, each side in its own
+process (theworld_jax first, then transformers), so neither's allocator, autotuning or CUDA state is the
+other's: the seventh session measured B=1 decode 8 % slower in this script's process, which then ran
+transformers first, than the same program in `bench.decode_profile`'s (`decode_profile.md`).
 
 - Prefill: a --prompt-len (default 4,400) token text prompt at batch 1 and 8: transformers
   `generate(max_new_tokens=1)` against theworld_jax `generation.start` (prefill + first token; the
@@ -26,9 +29,13 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -340,6 +347,8 @@ def main(argv=None) -> int:
     parser.add_argument("--param-std", type=float, default=0.02, help="std of every JAX parameter")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--skip-world", action="store_true", help="skip the fused TheWorld prefill")
+    parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.prompt_len = args.prompt_len or (48 if args.tiny else 4400)
     args.new_tokens = args.new_tokens or (8 if args.tiny else 128)
@@ -360,13 +369,31 @@ def main(argv=None) -> int:
                   versions=dict(torch=torch.__version__, transformers=transformers.__version__,
                                 python=platform.python_version()),
                   gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
-    report["torch"] = None if args.skip_torch else run_torch(args, config, device)
-    report["jax"] = run_jax(args, config)
+    if args.worker:
+        result = run_jax(args, config) if args.worker == "jax" else run_torch(args, config, device)
+        with open(args.result, "w") as f:
+            json.dump(result, f, default=str)
+        return 0
+    argv = list(sys.argv[1:] if argv is None else argv)
+    report["jax"] = _in_own_process(argv, "jax")
+    report["torch"] = None if args.skip_torch else _in_own_process(argv, "torch")
     text = markdown(report)
     print(text)
     if args.out:
         write_report(args.out, "generation_gpu", report, text)
     return 0
+
+
+def _in_own_process(argv: list[str], side: str) -> dict:
+    """This script's `side` run in a child process with the same arguments -> its result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, f"{side}.json")
+        cmd = [sys.executable, "-m", "bench.generation_gpu", *argv, "--worker", side, "--result", result]
+        subprocess.run(cmd, check=True)
+        with open(result) as f:
+            out = json.load(f)
+    out["batches"] = {int(b): v for b, v in out["batches"].items()}  # JSON made the batch keys strings
+    return out
 
 
 if __name__ == "__main__":
