@@ -363,7 +363,9 @@ def main(argv=None) -> None:
     p.add_argument("--batches", default="1,2,4,8", help="comma-separated batch sizes")
     p.add_argument("--remat8", default="dots_saveable", help="the remat policy of batch 8 (others: none)")
     p.add_argument("--steps", type=int, default=6, help="steps per run (the first is compile + warm-up)")
-    p.add_argument("--window", type=int, default=4, help="then this many steps back to back, timed together")
+    p.add_argument("--window", type=int, default=16,
+                   help="then this many steps back to back, timed together (the pipeline's fill, the first "
+                        "step's dispatch before the device starts, is spread over them)")
     p.add_argument("--work", default=None, help="scratch directory (default: OUT/work)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny models on CPU: checks the code path end to end")
     p.add_argument("--variants", default="plain", help="JAX side: comma-separated bench.train_variants names, "
