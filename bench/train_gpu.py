@@ -6,7 +6,7 @@ default AutoencoderKLWan (the Cosmos-Predict2 VAE), an mlp projector 16 -> 2560;
 projector's float32 master weights trained with AdamW; everything else frozen. Each sample is one chat
 row of the launcher's data pipeline: one 896x896 image (256 soft tokens), ~40 text tokens (the answer,
 ~20 tokens, is the target), the two world markers and 4,096 world tokens (512x512 -> 64x64 latents):
-~4,400 fused tokens, padded to a multiple of 128. Logits are computed at the labelled positions only.
+~4,400 fused tokens, padded to a multiple of 128 (what the cuDNN calls take; 16 or 64 in the pad variants). Logits are computed at the labelled positions only.
 
 JAX side: `theworld_jax.train.loop.setup` on configs/theworld-4b-projection.yaml (`model.random_init`:
 the model is drawn in seconds), then the launcher's compiled `TrainStep` on the launcher's own batches.
@@ -146,7 +146,7 @@ def jax_worker(args) -> dict:
                  f"model.cosmos_model_name={os.path.join(args.work, 'vae.json')}",
                  f"data.train={os.path.join(args.work, 'data', 'train.jsonl')}", "data.eval=null",
                  f"steps={args.steps}", f"data.batch_size={args.batch}", "optimizer.accumulation=1",
-                 f"model.remat={args.remat}", "data.pad_multiple=128", "progress_bar=false", "save_final=false",
+                 f"model.remat={args.remat}", "data.pad_multiple=8", "progress_bar=false", "save_final=false",
                  "optimizer.warmup_steps=1", "data.num_threads=8"]
     if args.cpu_smoke:
         overrides += ["model.dtype=float32", "model.vae_image_size=[32,32]", "data.max_length=512"]
@@ -328,7 +328,7 @@ def markdown(report: dict) -> str:
              f"Machine: {report['device']}; {report['versions']}. Command: `{report['command']}`.",
              f"Each row: {report['shape']['fused_tokens']} fused tokens ({report['shape']['world_tokens']} world, "
              f"{report['shape']['image_tokens']} image, the rest text; {report['shape']['targets']} target tokens), "
-             "padded to a multiple of 128 on the JAX side (PyTorch: unpadded). "
+             "padded on the JAX side to a multiple of 128 (pad16 / pad64: 16 / 64; PyTorch: unpadded). "
              "Step = median of the timed steps after the first (device-synchronised); first step = trace + "
              "compile + one step; MFU = model FLOPs / step time / "
              f"{report['peak_flops'] / 1e12 if report['peak_flops'] else 'n/a'} TFLOP/s dense bf16. "

@@ -39,6 +39,10 @@ import numpy as np
 from theworld_jax.attention import AttentionMask
 
 
+# The cuDNN calls' lengths are padded to a multiple of this; a training batch padded to it needs no more.
+CUDNN_MULTIPLE = 128
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -108,11 +112,13 @@ def block_plan(mask: AttentionMask) -> dict[str, jax.Array]:
 
 
 def interval_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, window: int | None,
-                       scale: float, backend: str = "cudnn", multiple: int = 128) -> jax.Array:
+                       scale: float, backend: str = "cudnn", multiple: int | None = None) -> jax.Array:
     """q (B,T,N,H), k/v (B,T,K,H), `mask` a self-attention mask with a Layout -> (B,T,N,H) in q.dtype.
 
     backend: jax.nn.dot_product_attention's implementation ("cudnn"; "xla" runs the same logic on CPU).
+    multiple: the calls' lengths are padded to a multiple of it (default CUDNN_MULTIPLE).
     """
+    multiple = multiple or CUDNN_MULTIPLE
     b, t, n, h = q.shape
     if window is not None and window >= t:
         window = None  # the window holds every earlier key

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from theworld_jax import sharding
+from theworld_jax import interval_attention, sharding
 from theworld_jax.train import data as data_lib
 from theworld_jax.train import model as model_lib
 from theworld_jax.train import outputs
@@ -121,9 +121,9 @@ def setup(config) -> tuple[Run, dict, data_lib.Dataset, data_lib.Dataset | None]
 
 
 def pad_multiple(multiple: int) -> int:
-    """Padded fused lengths are multiples of `multiple`, and of 128 on GPUs (the cuDNN attention's tile:
-    the fast path pads to it anyway; padding tokens change no result)."""
-    return math.lcm(multiple, 128) if jax.default_backend() == "gpu" else multiple
+    """Padded fused lengths are multiples of `multiple`, and on GPUs of what the fast attention pads its
+    calls to (`interval_attention.CUDNN_MULTIPLE`: it would pad anyway; padding tokens change no result)."""
+    return math.lcm(multiple, interval_attention.CUDNN_MULTIPLE) if jax.default_backend() == "gpu" else multiple
 
 
 def local_batch(run: Run, step: int) -> tuple[dict[str, np.ndarray], int]:
