@@ -284,16 +284,23 @@ def torch_worker(args, shape: dict) -> dict:
 
 # ---------------------------------------------------------------- the driver
 
-def run_worker(args, side: str, batch: int, remat: str, shape: dict | None, variant: str = "plain") -> dict:
-    out = os.path.join(args.out, f"{side}_b{batch}{'' if variant == 'plain' else '_' + variant}.json")
+def result_name(side: str, batch: int, variant: str, process: int) -> str:
+    """A worker's result file: jax_b1.json, jax_b1_pad16.json, jax_b1_p2.json (the third of --processes)."""
+    return f"{side}_b{batch}{'' if variant == 'plain' else '_' + variant}{f'_p{process}' if process else ''}.json"
+
+
+def run_worker(args, side: str, batch: int, remat: str, shape: dict | None, variant: str = "plain",
+               process: int = 0) -> dict:
+    out = os.path.join(args.out, result_name(side, batch, variant, process))
     cmd = [sys.executable, "-m", "bench.train_gpu", "--worker", side, "--batch", str(batch), "--remat", remat,
            "--work", args.work, "--out", args.out, "--steps", str(args.steps), "--window", str(args.window),
-           "--variant", variant]
+           "--variant", variant, "--process", str(process)]
     if args.cpu_smoke:
         cmd.append("--cpu-smoke")
     if shape is not None:
         cmd += ["--shape", json.dumps(shape)]
-    print(f"[{time.strftime('%H:%M:%S')}] {side} B={batch} remat={remat} variant={variant}", flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {side} B={batch} remat={remat} variant={variant} process={process}",
+          flush=True)
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, text=True, capture_output=True)
@@ -301,10 +308,11 @@ def run_worker(args, side: str, batch: int, remat: str, shape: dict | None, vari
         tail = (proc.stdout + proc.stderr)[-3000:]
         print(tail, flush=True)
         lines = [line for line in tail.splitlines() if line.strip()]
-        return {"side": side, "batch": batch, "remat": remat, "variant": variant,
+        return {"side": side, "batch": batch, "remat": remat, "variant": variant, "process": process,
                 "error": lines[-1] if lines else f"rc {proc.returncode}"}
     with open(out) as f:
         result = json.load(f)
+    result["process"] = process
     result["process_s"] = time.perf_counter() - t0
     print(json.dumps({k: v for k, v in result.items() if k not in ("step_s", "losses")}), flush=True)
     return result
@@ -347,7 +355,37 @@ def markdown(report: dict) -> str:
         lines.append(f"| {_side(r)} | {r['batch']} | {r['remat']} | {1000 * r['median_step_s']:.1f} | "
                      f"{r['tokens_per_s']:,.0f} | {window} | {mfu} | {r['peak_memory_gib']:.1f} | "
                      f"{r['first_step_s']:.1f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + summary_lines(report["runs"])) + "\n"
+
+
+def summary_lines(runs: list[dict]) -> list[str]:
+    """With --processes N > 1: per (side, batch, variant) the median and range of tokens/s over the
+    processes, and each JAX median against the reference's best median (synchronised / back to back)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        if "error" not in r:
+            groups.setdefault((_side(r), r["batch"], r["remat"]), []).append(r)
+    if not any(len(group) > 1 for group in groups.values()):
+        return []
+
+    def median(group, key):
+        return statistics.median(r[key] for r in group if r.get(key))
+
+    best = {key: max((median(g, key) for (side, _, _), g in groups.items() if side == "torch"), default=None)
+            for key in ("tokens_per_s", "window_tokens_per_s")}
+    lines = ["", "Over the processes (each run in its own process, the runs interleaved):", "",
+             "| side | batch | remat | processes | tokens/s median (min-max) | back to back median (min-max) | "
+             "vs the reference's best |", "|---|---|---|---|---|---|---|"]
+    for (side, batch, remat), group in groups.items():
+        cells = []
+        for key in ("tokens_per_s", "window_tokens_per_s"):
+            values = [r[key] for r in group if r.get(key)]
+            cells.append(f"{statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})" if values else "n/a")
+        ratio = ("" if side.startswith("torch") or not best["tokens_per_s"] else
+                 f"{median(group, 'tokens_per_s') / best['tokens_per_s']:.3f}x / "
+                 f"{median(group, 'window_tokens_per_s') / best['window_tokens_per_s']:.3f}x")
+        lines.append(f"| {side} | {batch} | {remat} | {len(group)} | {cells[0]} | {cells[1]} | {ratio} |")
+    return lines
 
 
 def _side(run: dict) -> str:
@@ -369,7 +407,12 @@ def main(argv=None) -> None:
     p.add_argument("--work", default=None, help="scratch directory (default: OUT/work)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny models on CPU: checks the code path end to end")
     p.add_argument("--variants", default="plain", help="JAX side: comma-separated bench.train_variants names, "
-                   "each undoing census changes for an A/B (plain: the code as it is)")
+                   "each undoing or trying one change for an A/B (plain: the code as it is)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="run every (side, batch, variant) this many times, each in a new process, in rounds "
+                        "(the same program moves 1-2 %% between processes: autotuning, clocks); the report adds "
+                        "medians and ranges")
+    p.add_argument("--process", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--variant", default="plain", help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -380,10 +423,11 @@ def main(argv=None) -> None:
     args.work = args.work or os.path.join(args.out, "work")
     if args.worker:
         result = jax_worker(args) if args.worker == "jax" else torch_worker(args, json.loads(args.shape))
-        suffix = "" if args.variant == "plain" else "_" + args.variant
-        with open(os.path.join(args.out, f"{args.worker}_b{args.batch}{suffix}.json"), "w") as f:
+        with open(os.path.join(args.out, result_name(args.worker, args.batch, args.variant, args.process)), "w") as f:
             json.dump(result, f, indent=1)
         return
+    if args.processes < 1:
+        raise SystemExit(f"--processes must be at least 1, got {args.processes}")
     batches = [int(b) for b in args.batches.split(",")]
     cfg = write_work(args.work, args.cpu_smoke, rows=max(batches) * args.steps)
     from theworld_jax import tiny
@@ -392,13 +436,15 @@ def main(argv=None) -> None:
     vae_side = tiny.VAE_IMAGE_SIZE[0] if args.cpu_smoke else 512
     runs, shape = [], None
     sides = ["jax", "torch"] if args.side == "both" else [args.side]
-    for side in sides:
-        for batch in batches:
-            remat = args.remat8 if batch >= 8 else "none"
-            if side == "torch" and shape is None:  # the JAX runs' row shape, or the data's when only torch runs
-                shape = data_shape(args, cfg, world, vae_side, runs)
-            for variant in (args.variants.split(",") if side == "jax" else ["plain"]):
-                runs.append(run_worker(args, side, batch, remat, shape if side == "torch" else None, variant))
+    for process in range(args.processes):
+        for side in sides:
+            for batch in batches:
+                remat = args.remat8 if batch >= 8 else "none"
+                if side == "torch" and shape is None:  # the JAX runs' row shape, or the data's when only torch runs
+                    shape = data_shape(args, cfg, world, vae_side, runs)
+                for variant in (args.variants.split(",") if side == "jax" else ["plain"]):
+                    runs.append(run_worker(args, side, batch, remat, shape if side == "torch" else None, variant,
+                                           process))
     peak = None if args.cpu_smoke else next((v for k, v in PEAK_BF16.items()
                                              if any(k in str(r.get("device", "")) for r in runs)), None)
     flops_of = lambda seq, targets: model_flops(cfg["text"], cfg["vision"], seq, targets)  # noqa: E731
