@@ -6,7 +6,8 @@ default AutoencoderKLWan (the Cosmos-Predict2 VAE), an mlp projector 16 -> 2560;
 projector's float32 master weights trained with AdamW; everything else frozen. Each sample is one chat
 row of the launcher's data pipeline: one 896x896 image (256 soft tokens), ~40 text tokens (the answer,
 ~20 tokens, is the target), the two world markers and 4,096 world tokens (512x512 -> 64x64 latents):
-~4,400 fused tokens, padded to a multiple of 128 (what the cuDNN calls take; 16 or 64 in the pad variants). Logits are computed at the labelled positions only.
+~4,400 fused tokens, padded to a multiple of 128 (what the cuDNN calls take; 16 or 64 in the pad variants).
+Logits are computed at the labelled positions only.
 
 JAX side: `theworld_jax.train.loop.setup` on configs/theworld-4b-projection.yaml (`model.random_init`:
 the model is drawn in seconds), then the launcher's compiled `TrainStep` on the launcher's own batches.
@@ -380,7 +381,8 @@ def summary_lines(runs: list[dict]) -> list[str]:
         cells = []
         for key in ("tokens_per_s", "window_tokens_per_s"):
             values = [r[key] for r in group if r.get(key)]
-            cells.append(f"{statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})" if values else "n/a")
+            cells.append(f"{statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})"
+                         if values else "n/a")
         ratio = ("" if side.startswith("torch") or not best["tokens_per_s"] else
                  f"{median(group, 'tokens_per_s') / best['tokens_per_s']:.3f}x / "
                  f"{median(group, 'window_tokens_per_s') / best['window_tokens_per_s']:.3f}x")
@@ -423,7 +425,8 @@ def main(argv=None) -> None:
     args.work = args.work or os.path.join(args.out, "work")
     if args.worker:
         result = jax_worker(args) if args.worker == "jax" else torch_worker(args, json.loads(args.shape))
-        with open(os.path.join(args.out, result_name(args.worker, args.batch, args.variant, args.process)), "w") as f:
+        name = result_name(args.worker, args.batch, args.variant, args.process)
+        with open(os.path.join(args.out, name), "w") as f:
             json.dump(result, f, indent=1)
         return
     if args.processes < 1:

@@ -71,8 +71,9 @@ def _pad(multiple: int):
     return patch
 
 
-PATCHES = {"pad16": _pad(16), "pad64": _pad(64), "dot_merger": _dot_merger, "autodiff_norm": _autodiff_norm, "gelu_aux": _gelu_aux,
-           "siglip_2d_bias": _siglip_2d_bias, "reversed_blocks": _reversed_blocks}
+PATCHES = {"dot_merger": _dot_merger, "autodiff_norm": _autodiff_norm, "gelu_aux": _gelu_aux,
+           "siglip_2d_bias": _siglip_2d_bias, "reversed_blocks": _reversed_blocks, "pad16": _pad(16),
+           "pad64": _pad(64)}
 CENSUS = ("dot_merger", "autodiff_norm", "gelu_aux", "siglip_2d_bias")
 VARIANTS = {"plain": (), "before": CENSUS, **{name: (name,) for name in PATCHES}}
 
