@@ -369,23 +369,23 @@ def summary_lines(runs: list[dict]) -> list[str]:
     if not any(len(group) > 1 for group in groups.values()):
         return []
 
-    def median(group, key):
-        return statistics.median(r[key] for r in group if r.get(key))
+    def median(group, key):  # None when no run of the group has the figure (--window 0: no back to back)
+        values = [r[key] for r in group if r.get(key)]
+        return statistics.median(values) if values else None
 
-    best = {key: max((median(g, key) for (side, _, _), g in groups.items() if side == "torch"), default=None)
-            for key in ("tokens_per_s", "window_tokens_per_s")}
+    keys = ("tokens_per_s", "window_tokens_per_s")
+    best = {key: max((m for (side, _, _), g in groups.items() if side == "torch" and (m := median(g, key))),
+                     default=None) for key in keys}
     lines = ["", "Over the processes (each run in its own process, the runs interleaved):", "",
              "| side | batch | remat | processes | tokens/s median (min-max) | back to back median (min-max) | "
              "vs the reference's best |", "|---|---|---|---|---|---|---|"]
     for (side, batch, remat), group in groups.items():
-        cells = []
-        for key in ("tokens_per_s", "window_tokens_per_s"):
+        cells, ratios = [], []
+        for key in keys:
             values = [r[key] for r in group if r.get(key)]
-            cells.append(f"{statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})"
-                         if values else "n/a")
-        ratio = ("" if side.startswith("torch") or not best["tokens_per_s"] else
-                 f"{median(group, 'tokens_per_s') / best['tokens_per_s']:.3f}x / "
-                 f"{median(group, 'window_tokens_per_s') / best['window_tokens_per_s']:.3f}x")
+            cells.append(f"{median(group, key):,.0f} ({min(values):,.0f}-{max(values):,.0f})" if values else "n/a")
+            ratios.append(f"{median(group, key) / best[key]:.3f}x" if values and best[key] else "n/a")
+        ratio = "" if side.startswith("torch") else " / ".join(ratios)
         lines.append(f"| {side} | {batch} | {remat} | {len(group)} | {cells[0]} | {cells[1]} | {ratio} |")
     return lines
 
