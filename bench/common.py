@@ -96,6 +96,27 @@ def kernel_table(trace_dir: str) -> dict:
                 kinds=top(kinds), names=top(names, 60), ops=top(ops))
 
 
+def host_event_table(trace_dir: str, top: int = 60) -> dict:
+    """The host threads' events of a jax.profiler trace (XLA's compiler passes, autotuning, LLVM and
+    ptxas among them): per event name the inclusive total ms and the count, the `top` longest."""
+    import collections
+    import glob
+
+    from jax.profiler import ProfileData
+
+    paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    totals = collections.defaultdict(lambda: [0.0, 0])
+    for plane in ProfileData.from_file(paths[0]).planes:
+        if plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            for e in line.events:
+                totals[e.name][0] += e.duration_ns / 1e6
+                totals[e.name][1] += 1
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+    return {name: [round(ms, 1), count] for name, (ms, count) in ranked}
+
+
 def trace_call(fn, wait, name: str) -> None:
     """With BENCH_TRACE=DIR set: one more call of fn under jax.profiler, its kernel table written to
     DIR/kernels_<name>.json and summed per kind in the log. Without it: nothing."""

@@ -24,6 +24,7 @@ one device call can measure both: `code` in the report says which decoder ran.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -203,8 +204,17 @@ def decode_census(decoding, min_bytes: int) -> dict:
         return {"error": f"{type(err).__name__}: {str(err)[:200]}"}
 
 
-def measure(z: dict, first_only: bool, warmup: int, repeats: int) -> dict:
+def measure(z: dict, first_only: bool, warmup: int, repeats: int, names=WORKLOADS, profile: bool = False) -> dict:
+    """profile: the first call of each workload runs under jax.profiler, its host events (the compiler's
+    passes, autotuning, code generation) summed per name into the row's `compile_profile`."""
+    import tempfile
+
     import jax
+
+    from bench.common import host_event_table
+
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0  # the compiler's own events; Python's would slow the trace down
 
     clock = CompileClock()
     t0 = time.perf_counter()
@@ -215,13 +225,20 @@ def measure(z: dict, first_only: bool, warmup: int, repeats: int) -> dict:
     work = workloads(model, z)
     census = work.pop("census")
     for name, (call, wait, prepare) in work.items():
+        if name not in names:
+            continue
         if prepare:
             prepare()
         clock.take()
-        t0 = time.perf_counter()
-        wait(call())
-        first = time.perf_counter() - t0
-        row = {"first_s": round(first, 3), **clock.take()}
+        with tempfile.TemporaryDirectory() as trace_dir:
+            tracing = jax.profiler.trace(trace_dir, profiler_options=options) if profile else contextlib.nullcontext()
+            with tracing:
+                t0 = time.perf_counter()
+                wait(call())
+                first = time.perf_counter() - t0
+            row = {"first_s": round(first, 3), **clock.take()}
+            if profile:
+                row["compile_profile"] = host_event_table(trace_dir)
         log(f"{name}: first call {first:.2f} s {row}")
         if not first_only:
             times = []
@@ -236,7 +253,7 @@ def measure(z: dict, first_only: bool, warmup: int, repeats: int) -> dict:
                        times_ms=[round(t * 1e3, 3) for t in times])
             log(f"{name}: median {row['median_ms']:.2f} ms of {repeats}")
         out[name] = row
-    if not first_only:
+    if not first_only and "decode" in names:
         out["decode_copies"] = census()
         log(f"decode loop's large copies: {out['decode_copies']}")
     return out
@@ -249,9 +266,12 @@ def sizes(cpu_smoke: bool) -> dict:
 
 
 def code_kind() -> str:
+    from theworld_jax import jit
     from theworld_jax.modeling import gemma3_text
 
-    return "scan" if hasattr(gemma3_text, "Gemma3LayerStack") else "loop"
+    if hasattr(gemma3_text, "Gemma3LayerStack"):
+        return "scan"
+    return "loop, each kind of layer traced once (shared_call)" if hasattr(jit, "shared_call") else "loop"
 
 
 def versions() -> dict:
@@ -262,12 +282,14 @@ def versions() -> dict:
     device = jax.devices()[0]
     return dict(jax=jax.__version__, flax=flax.__version__, optax=optax.__version__, device=str(device),
                 device_kind=getattr(device, "device_kind", None), code=code_kind(),
+                xla_flags=os.environ.get("XLA_FLAGS", ""),
                 theworld_jax=os.path.dirname(__import__("theworld_jax").__file__))
 
 
 def table(report: dict) -> str:
-    lines = [f"# Compile times: {report['versions'].get('device_kind')} ({report['versions']['code']} decoder)", "",
-             f"jax {report['versions']['jax']}, flax {report['versions']['flax']}; {report['method']}", "",
+    v = report["versions"]
+    lines = [f"# Compile times: {v.get('device_kind')} ({v['code']} decoder)", "",
+             f"jax {v['jax']}, flax {v['flax']}, XLA_FLAGS={v.get('xla_flags') or '(none)'}; {report['method']}", "",
              "| workload | first call | of which compile | steady state (median) | first call, warm cache (new process) |",
              "|---|---|---|---|---|"]
     cold, warm = report.get("cold", {}), report.get("warm", {})
@@ -291,6 +313,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="path prefix of the .json and .md reports")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ", ".join(WORKLOADS))
+    parser.add_argument("--profile", action="store_true",
+                        help="trace each cold first call with jax.profiler: host time per compiler event")
     parser.add_argument("--first-only", action="store_true", help="(internal) first calls only, report as JSON")
     parser.add_argument("--json", help="(internal) where --first-only writes its result")
     args = parser.parse_args(argv)
@@ -302,8 +327,11 @@ def main(argv=None) -> int:
     os.makedirs(cache, exist_ok=True)
     use_cache(cache)
     z = sizes(args.cpu_smoke)
+    names = tuple(args.workloads.split(","))
+    if not set(names) <= set(WORKLOADS):
+        parser.error(f"--workloads: unknown {sorted(set(names) - set(WORKLOADS))}; expected some of {WORKLOADS}")
     if args.first_only:
-        result = measure(z, True, 0, 0)
+        result = measure(z, True, 0, 0, names)
         with open(args.json, "w") as f:
             json.dump(result, f)
         return 0
@@ -315,10 +343,11 @@ def main(argv=None) -> int:
                          f"calls again in a new process on the same cache")
     log(f"{report['versions']}")
     try:
-        report["cold"] = measure(z, False, args.warmup, args.repeats)
+        report["cold"] = measure(z, False, args.warmup, args.repeats, names, args.profile)
         result = os.path.join(cache, "..", f"compile_gpu_warm_{os.getpid()}.json")
         # the same interpreter, environment and working directory: the same theworld_jax as this process
-        cmd = [sys.executable, "-m", "bench.compile_gpu", "--first-only", "--cache-dir", cache, "--json", result]
+        cmd = [sys.executable, "-m", "bench.compile_gpu", "--first-only", "--cache-dir", cache, "--json", result,
+               "--workloads", args.workloads]
         t0 = time.perf_counter()
         child = subprocess.run(cmd + (["--cpu-smoke"] if args.cpu_smoke else []), text=True, capture_output=True)
         print(child.stdout + child.stderr, flush=True)

@@ -215,3 +215,37 @@ def test_rms_norm_gradients_match_autodiff_and_keep_only_the_input():
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b), rtol=0.05, atol=0.05 * float(jnp.max(jnp.abs(b))))
     _, backward = jax.vjp(lambda x, w: rms_norm(x, w, 1e-6), x, w)
     assert [a.shape for a in jax.tree.leaves(backward)] == [x.shape, w.shape]  # no saved per-row 1 / rms
+
+
+def test_layers_of_one_kind_are_traced_once(monkeypatch):
+    """34 layers of two kinds (Gemma 3 4B's pattern): the forward and its gradient trace one layer of
+    each kind, plus the last layer once more when it computes only the kept positions."""
+    import jax
+
+    from tests.helpers.tiny_gemma import tiny_gemma3_config
+    from theworld_jax.config.gemma3 import Gemma3TextConfig
+    from theworld_jax.modeling import gemma3_text
+
+    layer_types = ["sliding_attention"] * 5 + ["full_attention"]
+    layer_types = (layer_types * 6)[:34]
+    hf_config = tiny_gemma3_config(text_config=dict(num_hidden_layers=34, layer_types=layer_types))
+    config = Gemma3TextConfig.from_dict(hf_config.text_config.to_dict())
+    decoder = Gemma3TextDecoder(config, rngs=nnx.Rngs(0))
+    traced = []
+    layer_call = gemma3_text.Gemma3DecoderLayer.__call__
+    monkeypatch.setattr(gemma3_text.Gemma3DecoderLayer, "__call__",
+                        lambda self, *a, **kw: traced.append(self.self_attn.window) or layer_call(self, *a, **kw))
+    graphdef, state = nnx.split(decoder)
+    mask = make_attention_mask(jnp.ones((1, 6), jnp.int32))
+    positions = jnp.arange(6)[None]
+
+    def loss(state, embeds, keep=None):
+        hidden, _ = nnx.merge(graphdef, state)(embeds, positions=positions, mask=mask, remat="full", keep=keep)
+        return jnp.sum(hidden)
+
+    embeds = jnp.ones((1, 6, config.hidden_size))
+    jax.jit(jax.grad(loss, argnums=1)).trace(state, embeds)
+    assert sorted(traced, key=str) == sorted([None, config.sliding_window], key=str)
+    traced.clear()
+    jax.jit(loss).trace(state, embeds + 1, jnp.asarray([[5]]))
+    assert len(traced) == 1  # only the shortened last layer is new: the others' programs are reused

@@ -92,7 +92,8 @@ def test_one_token_steps_through_the_decode_kernel_match_full_forward(setup, mon
         logits = _run(setup, [1] * (TOTAL - PROMPT), aligned=True, rows=rows)
     finally:
         jax.clear_caches()
-    assert len(calls) == len(setup["config"].layer_types)  # each layer of the one compiled step
+    # once per layer kind of the one compiled step: layers of a kind share one traced program
+    assert len(calls) == len(set(setup["config"].layer_types))
     assert max_logit_error(logits, setup["ref"][rows], setup["mask"][rows]) <= F32_TOL
 
 

@@ -7,6 +7,9 @@ traversal, which is what `nnx.jit` pays per call) and sees parameter updates mad
 structure must not change after the first call. Compiled programs are shared by all modules of one
 structure. Under an outer trace (a module holding tracers) the call is inlined as a nested jit.
 
+`shared_call(module, *args, **static)` calls a module through one nested jitted program per module
+structure: a decoder's identical layers are traced and lowered once instead of once each.
+
 `enable_compilation_cache()` turns on JAX's persistent compilation cache (the command lines do, unless
 --no-compile-cache): a second launch with the same shapes loads its programs instead of compiling them.
 """
@@ -67,6 +70,29 @@ def _jit(graphdef, paths: tuple, fn, static_argnames: tuple, donate_argnames: tu
 
     progress.announce_compiles(fn.__name__, fn.__name__.strip("_").replace("_", " "))
     return jax.jit(run, static_argnames=static_argnames, donate_argnames=donate_argnames)
+
+
+def shared_call(module: nnx.Module, *args, remat_policy: Callable | None = None, **static):
+    """`module(*args, **static)`, through one jitted program per (module structure, `static` keyword
+    arguments, `remat_policy`): modules of one structure (Gemma 3's 29 sliding-window layers) are traced
+    and lowered once and called once each. XLA inlines the calls, so the compiled program is the one a
+    direct call gives; what shrinks is the tracing and lowering, which every first call pays, a warm
+    compilation cache included. `args` are pytrees of arrays; `static` values must be hashable.
+    remat_policy: a `jax.checkpoint` policy to rematerialise the module's activations in the backward
+    pass with, or None for none."""
+    graphdef, state = nnx.split(module)
+    return _shared_program(graphdef, remat_policy, tuple(sorted(static.items())))(state, *args)
+
+
+@functools.lru_cache(maxsize=256)
+def _shared_program(graphdef, remat_policy, static: tuple):
+    def pure(state, *args):
+        return nnx.merge(graphdef, state)(*args, **dict(static))
+
+    if remat_policy is not None:
+        pure = jax.checkpoint(pure, policy=remat_policy)
+    pure.__name__ = f"{graphdef.type.__name__}_call" if hasattr(graphdef, "type") else "shared_call"
+    return jax.jit(pure)
 
 
 def default_compilation_cache_dir() -> str:

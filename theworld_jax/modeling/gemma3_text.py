@@ -12,6 +12,7 @@ from flax import nnx
 
 from theworld_jax.attention import AttentionMask, dot_product_attention
 from theworld_jax.config.gemma3 import Gemma3TextConfig, RopeConfig
+from theworld_jax.jit import shared_call
 from theworld_jax.modeling.kv_cache import KVCache, LayerCache, cached_attention
 from theworld_jax.modeling.layers import Einsum, Embedding, GatedMLP, RMSNorm, apply_rope, rope_tables, take_rows
 from theworld_jax.sharding import HIDDEN, constrain
@@ -54,7 +55,7 @@ class Gemma3Attention(nnx.Module):
         self.scale = config.query_scale
 
     def __call__(self, x, rope: tuple[jax.Array, jax.Array], mask: AttentionMask, cache: LayerCache | None,
-                 prefilled: bool, implementation: str | None, keep: jax.Array | None = None,
+                 keep: jax.Array | None = None, *, prefilled: bool, implementation: str | None,
                  twin: bool = False) -> tuple[jax.Array, LayerCache | None]:
         """x (B,T,D), rope (cos, sin) (B,T,H) -> ((B,T,D), updated cache or None). keep (B,K) int32 or
         None: queries only at these positions (every token is still a key) -> (B,K,D). twin: x and rope
@@ -90,10 +91,10 @@ class Gemma3DecoderLayer(nnx.Module):
         self.pre_feedforward_layernorm = RMSNorm(d, eps=eps, param_dtype=param_dtype)
         self.post_feedforward_layernorm = RMSNorm(d, eps=eps, param_dtype=param_dtype)
 
-    def __call__(self, x, rope, mask, cache, prefilled, implementation, keep=None, twin=False):
+    def __call__(self, x, rope, mask, cache, keep=None, *, prefilled, implementation, twin=False):
         """keep (B,K) or None: the output only at these positions (B,K,D); twin: see Gemma3Attention."""
-        attn, cache = self.self_attn(self.input_layernorm(x), rope, mask, cache, prefilled, implementation, keep,
-                                     twin)
+        attn, cache = self.self_attn(self.input_layernorm(x), rope, mask, cache, keep, prefilled=prefilled,
+                                     implementation=implementation, twin=twin)
         if keep is not None:
             x = take_rows(x, keep)
         x = x + self.post_attention_layernorm(attn)
@@ -146,16 +147,7 @@ class Gemma3TextDecoder(nnx.Module):
         twin = TWIN_ONE_TOKEN and embeds.shape[0] * embeds.shape[1] == 1 and keep is None
 
         policy = REMAT_POLICIES[check_remat(remat)]
-
-        def run_layer(layer, x, rope, mask, layer_cache, keep):
-            if policy is None:
-                return layer(x, rope, mask, layer_cache, prefilled, implementation, keep, twin)
-            graphdef, state = nnx.split(layer)  # a pure function of the layer's state: safe under any transform
-
-            def pure(state, x, rope, mask, layer_cache, keep):
-                return nnx.merge(graphdef, state)(x, rope, mask, layer_cache, prefilled, implementation, keep, twin)
-
-            return jax.checkpoint(pure, policy=policy)(state, x, rope, mask, layer_cache, keep)
+        static = dict(prefilled=prefilled, implementation=implementation, twin=twin, remat_policy=policy)
         x = constrain(embeds.astype(self.dtype), HIDDEN)
         if twin:
             x = jax.lax.optimization_barrier(jnp.broadcast_to(x, (1, 2, x.shape[-1])))
@@ -169,7 +161,9 @@ class Gemma3TextDecoder(nnx.Module):
             if rope not in ropes:
                 ropes[rope] = rope_tables(positions, rope, self.config.head_dim, self.dtype)
             layer_cache = None if cache is None else cache.layer(i)
-            x, layer_cache = run_layer(layer, x, ropes[rope], mask, layer_cache, rows if i == last else None)
+            # layers of one structure share one traced program (theworld_jax.jit.shared_call)
+            x, layer_cache = shared_call(layer, x, ropes[rope], mask, layer_cache, rows if i == last else None,
+                                         **static)
             x = constrain(x, HIDDEN)
             new_layers.append(layer_cache)
         hidden = self.norm(x)

@@ -14,6 +14,7 @@ from flax import nnx
 
 from theworld_jax.attention import dot_product_attention
 from theworld_jax.config.gemma3 import SiglipVisionConfig
+from theworld_jax.jit import shared_call
 from theworld_jax.modeling.partitioning import axes, param
 
 _init = nnx.initializers.normal(0.02)
@@ -131,5 +132,5 @@ class SiglipVisionTower(nnx.Module):
         self.check_pixels(pixel_values)
         x = self.embed_patches(pixel_values)
         for layer in self.layers:
-            x = layer(x)
+            x = shared_call(layer, x)  # one traced program for the identical layers
         return self.post_layernorm(x)
