@@ -75,12 +75,15 @@ class CompileClock:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
 
 
-def use_cache(directory: str) -> None:
+def use_cache(directory: str, xla_caches: str | None = None) -> None:
     """JAX's persistent cache in `directory`, every program cached (what theworld_jax.jit does; set here
-    through jax.config so that older code, without that function, is measured the same way)."""
+    through jax.config so that older code, without that function, is measured the same way).
+    xla_caches: jax_persistent_cache_enable_xla_caches (None keeps JAX's default)."""
     import jax
 
     jax.config.update("jax_compilation_cache_dir", directory)
+    if xla_caches is not None:
+        jax.config.update("jax_persistent_cache_enable_xla_caches", xla_caches)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
@@ -316,6 +319,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ", ".join(WORKLOADS))
     parser.add_argument("--profile", action="store_true",
                         help="trace each cold first call with jax.profiler: host time per compiler event")
+    parser.add_argument("--xla-caches", help="jax_persistent_cache_enable_xla_caches: XLA's own caches kept in the "
+                                             "cache directory ('all' adds the kernel cache to the autotuning cache)")
     parser.add_argument("--first-only", action="store_true", help="(internal) first calls only, report as JSON")
     parser.add_argument("--json", help="(internal) where --first-only writes its result")
     args = parser.parse_args(argv)
@@ -325,7 +330,7 @@ def main(argv=None) -> int:
     if not args.first_only and os.path.isdir(cache) and os.listdir(cache):
         parser.error(f"--cache-dir {cache} is not empty: the first process must start from a cold cache")
     os.makedirs(cache, exist_ok=True)
-    use_cache(cache)
+    use_cache(cache, args.xla_caches)
     z = sizes(args.cpu_smoke)
     names = tuple(args.workloads.split(","))
     if not set(names) <= set(WORKLOADS):
@@ -335,7 +340,7 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(result, f)
         return 0
-    report = dict(versions=versions(), cache_dir=cache, cpu_smoke=args.cpu_smoke,
+    report = dict(versions=versions(), cache_dir=cache, cpu_smoke=args.cpu_smoke, xla_caches=args.xla_caches,
                   mem_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
                   method=f"B=1, bf16; first call = wall time of the first call (trace + compile + run, the "
                          f"persistent cache on and cold); steady state = median of {args.repeats} calls after "
@@ -347,7 +352,7 @@ def main(argv=None) -> int:
         result = os.path.join(cache, "..", f"compile_gpu_warm_{os.getpid()}.json")
         # the same interpreter, environment and working directory: the same theworld_jax as this process
         cmd = [sys.executable, "-m", "bench.compile_gpu", "--first-only", "--cache-dir", cache, "--json", result,
-               "--workloads", args.workloads]
+               "--workloads", args.workloads] + (["--xla-caches", args.xla_caches] if args.xla_caches else [])
         t0 = time.perf_counter()
         child = subprocess.run(cmd + (["--cpu-smoke"] if args.cpu_smoke else []), text=True, capture_output=True)
         print(child.stdout + child.stderr, flush=True)
