@@ -286,7 +286,7 @@ def versions() -> dict:
     return dict(jax=jax.__version__, flax=flax.__version__, optax=optax.__version__, device=str(device),
                 device_kind=getattr(device, "device_kind", None), code=code_kind(),
                 xla_flags=os.environ.get("XLA_FLAGS", ""),
-                theworld_jax=os.path.dirname(__import__("theworld_jax").__file__))
+                theworld_jax=os.path.relpath(os.path.dirname(__import__("theworld_jax").__file__)))
 
 
 def table(report: dict) -> str:
