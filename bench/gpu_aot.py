@@ -28,6 +28,7 @@ import contextlib
 import gzip
 import json
 import os
+import tempfile
 import time
 from unittest import mock
 
@@ -216,6 +217,7 @@ def compile_program(args) -> tuple[str, dict]:
     import jax
 
     from bench import decode_profile
+    from bench.common import host_event_table
 
     if args.variant not in decode_profile.VARIANTS:
         raise SystemExit(f"--variant {args.variant!r} is not one of bench.decode_profile's "
@@ -237,14 +239,26 @@ def compile_program(args) -> tuple[str, dict]:
         t0 = time.perf_counter()
         lowered = program.lower(*placed(arguments, sharding))
         t1 = time.perf_counter()
-        compiled = lowered.compile(options or None)
-        t2 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as trace_dir:
+            with _host_trace(trace_dir) if args.profile else contextlib.nullcontext():
+                compiled = lowered.compile(options or None)
+            t2 = time.perf_counter()
+            profile = host_event_table(trace_dir, top=40) if args.profile else None
     record = dict(program=args.program, batch=args.batch, sampling=args.sampling, variant=args.variant,
                   top_k=args.top_k if args.sampling else None, top_p=args.top_p if args.sampling else None,
                   options={k: str(v) for k, v in options.items()}, jax=jax.__version__,
                   device=str(sharding.mesh.devices.flat[0]), lower_s=round(t1 - t0, 2), compile_s=round(t2 - t1, 2),
-                  memory_gib=planned_memory(compiled))
+                  memory_gib=planned_memory(compiled), compile_profile=profile)
     return compiled.as_text(), record
+
+
+def _host_trace(trace_dir: str):
+    """jax.profiler over XLA's compile (its passes and code generation), without Python's events."""
+    import jax
+
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0
+    return jax.profiler.trace(trace_dir, profiler_options=options)
 
 
 def planned_memory(compiled) -> dict | None:
@@ -307,6 +321,8 @@ def main(argv=None) -> int:
     parser.add_argument("program", nargs="?", choices=PROGRAMS)
     parser.add_argument("--census", metavar="HLO", help="only the census of this HLO text file (.txt or .txt.gz)")
     parser.add_argument("--out", default=None, help="directory for <tag>.hlo.txt.gz and <tag>.json")
+    parser.add_argument("--profile", action="store_true",
+                        help="trace XLA's compile with jax.profiler: host ms per compiler event in the record")
     parser.add_argument("--tag", default=None, help="file name stem (default: program, batch, sampling, variant)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt-len", type=int, default=4400)
