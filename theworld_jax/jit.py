@@ -81,18 +81,17 @@ def shared_call(module: nnx.Module, *args, remat_policy: Callable | None = None,
     remat_policy: a `jax.checkpoint` policy to rematerialise the module's activations in the backward
     pass with, or None for none."""
     graphdef, state = nnx.split(module)
-    return _shared_program(graphdef, remat_policy, tuple(sorted(static.items())))(state, *args)
+    program = _shared_program(graphdef, type(module).__name__, remat_policy, tuple(sorted(static.items())))
+    return program(state, *args)
 
 
 @functools.lru_cache(maxsize=256)
-def _shared_program(graphdef, remat_policy, static: tuple):
-    def pure(state, *args):
+def _shared_program(graphdef, name: str, remat_policy, static: tuple):
+    def call(state, *args):
         return nnx.merge(graphdef, state)(*args, **dict(static))
 
-    if remat_policy is not None:
-        pure = jax.checkpoint(pure, policy=remat_policy)
-    pure.__name__ = f"{graphdef.type.__name__}_call" if hasattr(graphdef, "type") else "shared_call"
-    return jax.jit(pure)
+    call.__name__ = name  # the program's name in traces and compile logs
+    return jax.jit(call if remat_policy is None else jax.checkpoint(call, policy=remat_policy))
 
 
 def default_compilation_cache_dir() -> str:
