@@ -75,9 +75,10 @@ def _jit(graphdef, paths: tuple, fn, static_argnames: tuple, donate_argnames: tu
 def shared_call(module: nnx.Module, *args, remat_policy: Callable | None = None, **static):
     """`module(*args, **static)`, through one jitted program per (module structure, `static` keyword
     arguments, `remat_policy`): modules of one structure (Gemma 3's 29 sliding-window layers) are traced
-    and lowered once and called once each. XLA inlines the calls, so the compiled program is the one a
-    direct call gives; what shrinks is the tracing and lowering, which every first call pays, a warm
-    compilation cache included. `args` are pytrees of arrays; `static` values must be hashable.
+    and lowered once and called once each. XLA inlines the calls before it optimises, so the compiled
+    program does the work of direct calls (the same steady-state times on an H200,
+    bench/results/compile_gpu.md); what shrinks is the tracing and lowering, which every first call
+    pays, a warm compilation cache included. `args` are pytrees of arrays; `static` values must be hashable.
     remat_policy: a `jax.checkpoint` policy to rematerialise the module's activations in the backward
     pass with, or None for none."""
     graphdef, state = nnx.split(module)
