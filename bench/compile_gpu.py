@@ -316,7 +316,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="path prefix of the .json and .md reports")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ", ".join(WORKLOADS))
+    parser.add_argument("--workloads", default=",".join(WORKLOADS),
+                        help="comma-separated subset of " + ", ".join(WORKLOADS))
     parser.add_argument("--profile", action="store_true",
                         help="trace each cold first call with jax.profiler: host time per compiler event")
     parser.add_argument("--xla-caches", help="jax_persistent_cache_enable_xla_caches: XLA's own caches kept in the "
