@@ -96,6 +96,15 @@ def kernel_table(trace_dir: str) -> dict:
                 kinds=top(kinds), names=top(names, 60), ops=top(ops))
 
 
+def host_trace(trace_dir: str):
+    """jax.profiler into `trace_dir` without Python's events (the compiler's own are what is wanted)."""
+    import jax
+
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0
+    return jax.profiler.trace(trace_dir, profiler_options=options)
+
+
 def host_event_table(trace_dir: str, top: int = 60) -> dict:
     """The host threads' events of a jax.profiler trace (XLA's compiler passes, autotuning, LLVM and
     ptxas among them): per event name the inclusive total ms and the count, the `top` longest."""

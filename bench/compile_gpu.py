@@ -214,10 +214,7 @@ def measure(z: dict, first_only: bool, warmup: int, repeats: int, names=WORKLOAD
 
     import jax
 
-    from bench.common import host_event_table
-
-    options = jax.profiler.ProfileOptions()
-    options.python_tracer_level = 0  # the compiler's own events; Python's would slow the trace down
+    from bench.common import host_event_table, host_trace
 
     clock = CompileClock()
     t0 = time.perf_counter()
@@ -234,8 +231,7 @@ def measure(z: dict, first_only: bool, warmup: int, repeats: int, names=WORKLOAD
             prepare()
         clock.take()
         with tempfile.TemporaryDirectory() as trace_dir:
-            tracing = jax.profiler.trace(trace_dir, profiler_options=options) if profile else contextlib.nullcontext()
-            with tracing:
+            with host_trace(trace_dir) if profile else contextlib.nullcontext():
                 t0 = time.perf_counter()
                 wait(call())
                 first = time.perf_counter() - t0

@@ -217,7 +217,7 @@ def compile_program(args) -> tuple[str, dict]:
     import jax
 
     from bench import decode_profile
-    from bench.common import host_event_table
+    from bench.common import host_event_table, host_trace
 
     if args.variant not in decode_profile.VARIANTS:
         raise SystemExit(f"--variant {args.variant!r} is not one of bench.decode_profile's "
@@ -240,7 +240,7 @@ def compile_program(args) -> tuple[str, dict]:
         lowered = program.lower(*placed(arguments, sharding))
         t1 = time.perf_counter()
         with tempfile.TemporaryDirectory() as trace_dir:
-            with _host_trace(trace_dir) if args.profile else contextlib.nullcontext():
+            with host_trace(trace_dir) if args.profile else contextlib.nullcontext():
                 compiled = lowered.compile(options or None)
             t2 = time.perf_counter()
             profile = host_event_table(trace_dir, top=40) if args.profile else None
@@ -250,15 +250,6 @@ def compile_program(args) -> tuple[str, dict]:
                   device=str(sharding.mesh.devices.flat[0]), lower_s=round(t1 - t0, 2), compile_s=round(t2 - t1, 2),
                   memory_gib=planned_memory(compiled), compile_profile=profile)
     return compiled.as_text(), record
-
-
-def _host_trace(trace_dir: str):
-    """jax.profiler over XLA's compile (its passes and code generation), without Python's events."""
-    import jax
-
-    options = jax.profiler.ProfileOptions()
-    options.python_tracer_level = 0
-    return jax.profiler.trace(trace_dir, profiler_options=options)
 
 
 def planned_memory(compiled) -> dict | None:

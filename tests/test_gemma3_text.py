@@ -224,8 +224,10 @@ def test_layers_of_one_kind_are_traced_once(monkeypatch):
 
     from tests.helpers.tiny_gemma import tiny_gemma3_config
     from theworld_jax.config.gemma3 import Gemma3TextConfig
+    from theworld_jax import jit
     from theworld_jax.modeling import gemma3_text
 
+    jit._shared_program.cache_clear()  # programs another test traced with these shapes would hide the count
     layer_types = ["sliding_attention"] * 5 + ["full_attention"]
     layer_types = (layer_types * 6)[:34]
     hf_config = tiny_gemma3_config(text_config=dict(num_hidden_layers=34, layer_types=layer_types))
