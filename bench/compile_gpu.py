@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -43,7 +44,7 @@ import numpy as np  # noqa: E402
 
 from bench.common import log, write_report  # noqa: E402
 
-WORKLOADS = ("forward", "train", "prefill", "decode")
+WORKLOADS = ("forward", "train", "prefill", "decode", "forward_staged", "train_staged")
 NEW_TOKENS = 128
 _COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
                    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
@@ -114,6 +115,7 @@ def workloads(model, z: dict) -> dict:
     from flax import nnx
 
     from bench.theworld_speed_gpu import make_batch
+    from theworld_jax import jit
     from theworld_jax.attention import block_layout
     from theworld_jax.generation import start
     from theworld_jax.inputs import Batch
@@ -145,6 +147,28 @@ def workloads(model, z: dict) -> dict:
         carry[0], carry[1], loss = step(carry[0], carry[1], frozen, x, keep)
         return loss
 
+    # staged: the same work outside jit (as theworld_jax.train.step.TrainStep(staged=True) runs it), so
+    # every stage (the decoder's layer groups among them) is a program of its own, compiled once per
+    # structure (theworld_jax.jit.shared_call); the trained Variables read the differentiated values
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def update(params, opt_state, grads):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    staged_model = nnx.merge(graphdef2, jax.tree.map(jnp.copy, params), frozen)
+    trained = [v for _, v in nnx.to_flat_state(nnx.state(staged_model, trainable))]
+
+    def staged_loss(params):
+        with jit.staging(zip(trained, [v.get_value() for _, v in nnx.to_flat_state(params)])):
+            return staged_model.forward(**x, logits_to_keep=keep, layout=layout).loss
+
+    staged_carry = [jax.tree.map(jnp.copy, params), tx.init(params)]
+
+    def train_staged():
+        loss, grads = jax.value_and_grad(staged_loss)(staged_carry[0])
+        staged_carry[0], staged_carry[1] = update(staged_carry[0], staged_carry[1], grads)
+        return loss
+
     ids = np.random.RandomState(1).randint(*z["text"], (1, z["prompt"])).astype(np.int32)
     prompt = Batch(input_ids=ids, attention_mask=np.ones(ids.shape, np.int32))
     decoding = [None]
@@ -165,6 +189,8 @@ def workloads(model, z: dict) -> dict:
     block = jax.block_until_ready
     return {"forward": (lambda: forward(state, x), block, None),
             "train": (train, block, None),
+            "forward_staged": (lambda: model.forward(**x, layout=layout).logits, block, None),
+            "train_staged": (train_staged, block, None),
             "prefill": (prefill, lambda d: d.new_tokens(), None),
             "decode": (decode, lambda t: np.asarray(t), fresh_prefill),
             "census": lambda: decode_census(prefill(), min_bytes=128 * z["config"].text_config.hidden_size)}

@@ -16,6 +16,9 @@ structure: a decoder's identical layers are traced and lowered once instead of o
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import functools
 import os
 import weakref
@@ -33,31 +36,44 @@ def jit_module(fn: Callable[..., Any], module: nnx.Module, *, static_argnames: t
                donate_argnames: tuple[str, ...] = ()) -> Callable[..., Any]:
     """`functools.partial(fn, module)`, jitted (cached per module, fn and options)."""
     key = (fn, tuple(static_argnames), tuple(donate_argnames))
+    return _bound(module, key, lambda graphdef, paths: _jit(graphdef, paths, *key))
+
+
+def _bound(module: nnx.Module, key: tuple, make_program: Callable) -> _Bound:
     bound = _BOUND.setdefault(module, {})
     if key not in bound:
-        bound[key] = _Bound(module, *key)
+        bound[key] = _Bound(module, make_program)
     return bound[key]
 
 
 class _Bound:
-    def __init__(self, module: nnx.Module, fn, static_argnames: tuple, donate_argnames: tuple):
+    """A module's live variables and the program `make_program(graphdef, paths)` that takes their values."""
+
+    def __init__(self, module: nnx.Module, make_program: Callable):
         graphdef, state = nnx.split(module)
-        paths = tuple(path for path, _ in nnx.to_flat_state(state))
-        live = {tuple(p): v for p, v in nnx.iter_graph(module) if isinstance(v, nnx.Variable)}
-        self._variables = [live[p] for p in paths]
+        flat = nnx.to_flat_state(state)  # the module's own Variable objects: calls read their live values
+        paths = tuple(path for path, _ in flat)
+        self._variables = [variable for _, variable in flat]
         # Array values are passed raw: the merged module inside the program applies any read hook itself
         # (reading through get_value here applied it twice), and get_value's copy of each value's pytree
         # and its array-ref checks cost 6.9 ms per call for the 883 variables of Gemma 3 4B with its
         # vision tower against 0.8 ms (this host), on every prefill and every decode call.
         self._raw = all(isinstance(v.get_raw_value(), jax.Array) for v in self._variables)
-        self._jitted = _jit(graphdef, paths, fn, static_argnames, donate_argnames)
+        self._jitted = make_program(graphdef, paths)
 
     def __call__(self, *args, **kwargs):
         if self._raw:
             values = [v.get_raw_value() for v in self._variables]
         else:
             values = [v.get_value() for v in self._variables]
+        substitutes = _STAGING.get().substitutes
+        if substitutes:
+            values = [substitutes.get(id(v), value) for v, value in zip(self._variables, values)]
         return self._jitted(values, *args, **kwargs)
+
+
+def _merge(graphdef, paths: tuple, values) -> nnx.Module:
+    return nnx.merge(graphdef, nnx.from_flat_state(list(zip(paths, values))))
 
 
 @functools.lru_cache(maxsize=64)
@@ -66,33 +82,64 @@ def _jit(graphdef, paths: tuple, fn, static_argnames: tuple, donate_argnames: tu
 
     @functools.wraps(fn)  # fn's name in compile logs and profiles; fn's signature for the argnames
     def run(values, *args, **kwargs):
-        return fn(nnx.merge(graphdef, nnx.from_flat_state(list(zip(paths, values)))), *args, **kwargs)
+        return fn(_merge(graphdef, paths, values), *args, **kwargs)
 
     progress.announce_compiles(fn.__name__, fn.__name__.strip("_").replace("_", " "))
     return jax.jit(run, static_argnames=static_argnames, donate_argnames=donate_argnames)
 
 
-def shared_call(module: nnx.Module, *args, remat_policy: Callable | None = None, **static):
-    """`module(*args, **static)`, through one jitted program per (module structure, `static` keyword
-    arguments, `remat_policy`): modules of one structure (Gemma 3's 29 sliding-window layers) are traced
-    and lowered once and called once each. XLA inlines the calls before it optimises, so the compiled
+def shared_call(module: nnx.Module, *args, method: str = "__call__", remat_policy: Callable | None = None,
+                **static):
+    """`module.<method>(*args, **static)`, through one jitted program per (module structure, method,
+    `static` keyword arguments, `remat_policy`).
+
+    Under an outer jit, modules of one structure (Gemma 3's 29 sliding-window layers) are traced and
+    lowered once and called once each; XLA inlines the calls before it optimises, so the compiled
     program does the work of direct calls (the same steady-state times on an H200,
-    bench/results/compile_gpu.md); what shrinks is the tracing and lowering, which every first call
-    pays, a warm compilation cache included. `args` are pytrees of arrays; `static` values must be hashable.
-    remat_policy: a `jax.checkpoint` policy to rematerialise the module's activations in the backward
-    pass with, or None for none."""
-    graphdef, state = nnx.split(module)
-    program = _shared_program(graphdef, type(module).__name__, remat_policy, tuple(sorted(static.items())))
-    return program(state, *args)
+    bench/results/compile_gpu.md). Called outside jit, each call runs that program, compiled once per
+    structure: a caller that runs a model's stages this way compiles each stage once, the decoder's
+    identical layer groups once for all (`theworld_jax.staged`). `args` are pytrees of arrays;
+    `static` values must be hashable. remat_policy: a `jax.checkpoint` policy to rematerialise the
+    call's activations in the backward pass with, or None for none."""
+    key = (_shared_program, method, remat_policy, tuple(sorted(static.items())))
+    name = type(module).__name__
+    return _bound(module, key, lambda graphdef, paths: _shared_program(graphdef, paths, name, *key[1:]))(*args)
 
 
 @functools.lru_cache(maxsize=256)
-def _shared_program(graphdef, name: str, remat_policy, static: tuple):
-    def call(state, *args):
-        return nnx.merge(graphdef, state)(*args, **dict(static))
+def _shared_program(graphdef, paths: tuple, name: str, method: str, remat_policy, static: tuple):
+    def call(values, *args):
+        token = _STAGING.set(_Staging())  # calls inside the program read its own values
+        try:
+            return getattr(_merge(graphdef, paths, values), method)(*args, **dict(static))
+        finally:
+            _STAGING.reset(token)
 
-    call.__name__ = name  # the program's name in traces and compile logs
+    call.__name__ = name if method == "__call__" else f"{name}.{method}"  # its name in traces and compile logs
     return jax.jit(call if remat_policy is None else jax.checkpoint(call, policy=remat_policy))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Staging:
+    substitutes: dict | None = None  # id(Variable) -> the value calls read instead of the Variable's
+
+
+_STAGING: contextvars.ContextVar[_Staging] = contextvars.ContextVar("theworld_jax_staging", default=_Staging())
+
+
+@contextlib.contextmanager
+def staging(substitutes=()):
+    """Inside: calls through `jit_module` and `shared_call` read the values of `substitutes`, (Variable,
+    value) pairs, in place of those Variables' own values.
+    A training step run outside jit differentiates a persistent model's parameters this way: the
+    values are autodiff tracers, and no module is split or merged per step (`theworld_jax.train.step`).
+    Every read of those parameters must then go through such calls (a model's forward does)."""
+    ids = {id(variable): value for variable, value in substitutes} or None
+    token = _STAGING.set(_Staging(ids))
+    try:
+        yield
+    finally:
+        _STAGING.reset(token)
 
 
 def default_compilation_cache_dir() -> str:

@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from theworld_jax.attention import Layout, make_attention_mask
+from theworld_jax.attention import AttentionMask, Layout, make_attention_mask
 from theworld_jax.config.gemma3 import Gemma3Config
+from theworld_jax.jit import shared_call
 from theworld_jax.modeling.fusion import FusedBatch
 from theworld_jax.modeling.gemma3_text import Gemma3TextDecoder
 from theworld_jax.modeling.layers import positions_from_mask
@@ -49,6 +50,26 @@ def keep_positions(logits_to_keep, batch: int, length: int) -> jax.Array | None:
         raise ValueError(f"logits_to_keep positions must lie in [0, {length}) (or -1 for none), got values from "
                          f"{int(positions.min())} to {int(positions.max())}")
     return positions.astype(jnp.int32)
+
+
+def decoder_inputs(config: Gemma3Config, embeds: jax.Array, attention_mask=None, token_type_ids=None,
+                   position_ids=None, *, logits_to_keep=None,
+                   layout: Layout | None = None) -> tuple[AttentionMask, jax.Array, jax.Array | None]:
+    """The text decoder's mask, positions (B, L) and kept positions (B, K) or None for embeddings (B, L, D),
+    with decode_embeds' defaults and checks."""
+    b, length = embeds.shape[:2]
+    if length > config.text.max_position_embeddings:
+        raise ValueError(f"the sequence has {length} tokens; this model allows at most "
+                         f"{config.text.max_position_embeddings} (max_position_embeddings)")
+    _check_same_shape("attention_mask", attention_mask, (b, length))
+    _check_same_shape("token_type_ids", token_type_ids, (b, length))
+    _check_same_shape("position_ids", position_ids, (b, length))
+    if attention_mask is None:
+        attention_mask = jnp.ones((b, length), jnp.int32)
+    if position_ids is None:
+        position_ids = positions_from_mask(attention_mask)
+    keep = keep_positions(logits_to_keep, b, length)
+    return make_attention_mask(attention_mask, token_type_ids, layout=layout), position_ids, keep
 
 
 class Gemma3Model(nnx.Module):
@@ -132,22 +153,11 @@ class Gemma3Model(nnx.Module):
         default derived from host token_type_ids); remat: a decoder remat policy name; implementation:
         the attention kernel (None picks).
         """
-        b, length = embeds.shape[:2]
-        if length > self.config.text.max_position_embeddings:
-            raise ValueError(f"the sequence has {length} tokens; this model allows at most "
-                             f"{self.config.text.max_position_embeddings} (max_position_embeddings)")
-        _check_same_shape("attention_mask", attention_mask, (b, length))
-        _check_same_shape("token_type_ids", token_type_ids, (b, length))
-        _check_same_shape("position_ids", position_ids, (b, length))
-        if attention_mask is None:
-            attention_mask = jnp.ones((b, length), jnp.int32)
-        if position_ids is None:
-            position_ids = positions_from_mask(attention_mask)
-        keep = keep_positions(logits_to_keep, b, length)
-        mask = make_attention_mask(attention_mask, token_type_ids, layout=layout)
+        mask, position_ids, keep = decoder_inputs(self.config, embeds, attention_mask, token_type_ids, position_ids,
+                                                  logits_to_keep=logits_to_keep, layout=layout)
         hidden, _ = self.language_model(embeds, positions=position_ids, mask=mask, remat=remat,
                                         implementation=implementation, keep=keep)
-        return self.language_model.logits(hidden)
+        return shared_call(self.language_model.embed_tokens, hidden, method="attend")
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  pixel_values: jax.Array | None = None, token_type_ids: jax.Array | None = None,

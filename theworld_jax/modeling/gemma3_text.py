@@ -6,6 +6,9 @@ own axis order: q (D,N,H), k/v (D,K,H), o (N,H,D), gate/up (D,F), down (F,D), em
 
 from __future__ import annotations
 
+import functools
+import weakref
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -102,6 +105,57 @@ class Gemma3DecoderLayer(nnx.Module):
         return x, cache
 
 
+_GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class LayerGroup(nnx.Module):
+    """Consecutive decoder layers (the decoder's own modules) called as one: `rope_index[i]` picks
+    layer i's RoPE tables. The decoder calls each run of one period of its layer pattern through one
+    program (theworld_jax.jit.shared_call), so Gemma 3 4B's 34 layers make two or three programs, each
+    called once per run: one compilation per program when the caller runs outside jit."""
+
+    def __init__(self, layers: list[Gemma3DecoderLayer], rope_index: tuple[int, ...]):
+        self.layers = nnx.List(layers)
+        self.rope_index = rope_index
+
+    def __call__(self, x, ropes: tuple, mask: AttentionMask, caches: tuple, keep=None, *, prefilled: bool,
+                 implementation: str | None, twin: bool, layer_remat=None):
+        """x (B,T,D), ropes: (cos, sin) tables, caches: one LayerCache or None per layer, keep: for the
+        last layer (see Gemma3DecoderLayer); layer_remat: each layer's jax.checkpoint policy or None ->
+        (x, the layers' updated caches)."""
+        new = []
+        for i, (layer, cache) in enumerate(zip(self.layers, caches)):
+            # layers of one structure share one traced program
+            x, cache = shared_call(layer, x, ropes[self.rope_index[i]], mask, cache,
+                                   keep if i == len(self.layers) - 1 else None, remat_policy=layer_remat,
+                                   prefilled=prefilled, implementation=implementation, twin=twin)
+            x = constrain(x, HIDDEN)
+            new.append(cache)
+        return x, tuple(new)
+
+
+@functools.partial(jax.jit, static_argnames=("ropes", "head_dim", "dtype", "twin"))
+def _prologue(embeds, positions, keep, *, ropes: tuple[RopeConfig, ...], head_dim: int, dtype, twin: bool):
+    """The decoder's input (B,T,D) in `dtype` (twin: (1,2,D), two copies behind an optimization barrier),
+    the (cos, sin) tables of each RoPE in `ropes`, and keep clipped to valid rows (or None)."""
+    x = constrain(embeds.astype(dtype), HIDDEN)
+    if twin:
+        x = jax.lax.optimization_barrier(jnp.broadcast_to(x, (1, 2, x.shape[-1])))
+        positions = jnp.broadcast_to(positions, (1, 2))
+    rows = None if keep is None else jnp.maximum(keep, 0)
+    return x, tuple(rope_tables(positions, rope, head_dim, dtype) for rope in ropes), rows
+
+
+@functools.partial(jax.jit, static_argnames=("twin",))
+def _epilogue(hidden, keep, *, twin: bool):
+    """The normed hidden states of the real token (twin) and zero rows where keep is -1."""
+    if twin:
+        hidden = hidden[:, :1]
+    if keep is not None:
+        hidden = jnp.where(keep[..., None] >= 0, hidden, jnp.zeros((), hidden.dtype))
+    return hidden
+
+
 class Gemma3TextDecoder(nnx.Module):
     """Embedding, decoder layers, final norm and tied output head of Gemma 3.
 
@@ -147,32 +201,43 @@ class Gemma3TextDecoder(nnx.Module):
         twin = TWIN_ONE_TOKEN and embeds.shape[0] * embeds.shape[1] == 1 and keep is None
 
         policy = REMAT_POLICIES[check_remat(remat)]
-        static = dict(prefilled=prefilled, implementation=implementation, twin=twin, remat_policy=policy)
-        x = constrain(embeds.astype(self.dtype), HIDDEN)
-        if twin:
-            x = jax.lax.optimization_barrier(jnp.broadcast_to(x, (1, 2, x.shape[-1])))
-            positions = jnp.broadcast_to(positions, (1, 2))
-        rows = None if keep is None else jnp.maximum(keep, 0)
-        ropes: dict[RopeConfig, tuple[jax.Array, jax.Array]] = {}
+        static = dict(prefilled=prefilled, implementation=implementation, twin=twin, layer_remat=policy)
+        rope_kinds = tuple(dict.fromkeys(self.config.rope_for(i) for i in range(len(self.layers))))
+        x, ropes, rows = _prologue(embeds, positions, keep, ropes=rope_kinds, head_dim=self.config.head_dim,
+                                   dtype=self.dtype, twin=twin)
         new_layers = []
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            rope = self.config.rope_for(i)
-            if rope not in ropes:
-                ropes[rope] = rope_tables(positions, rope, self.config.head_dim, self.dtype)
-            layer_cache = None if cache is None else cache.layer(i)
-            # layers of one structure share one traced program (theworld_jax.jit.shared_call)
-            x, layer_cache = shared_call(layer, x, ropes[rope], mask, layer_cache, rows if i == last else None,
-                                         **static)
-            x = constrain(x, HIDDEN)
-            new_layers.append(layer_cache)
-        hidden = self.norm(x)
-        if twin:
-            hidden = hidden[:, :1]
-        if keep is not None:
-            hidden = jnp.where(keep[..., None] >= 0, hidden, jnp.zeros((), hidden.dtype))
+        for group, module in self._groups(rope_kinds, split_last=keep is not None):
+            caches = tuple(None if cache is None else cache.layer(i) for i in group)
+            # groups of one structure share one program (theworld_jax.jit.shared_call)
+            last = group[-1] == len(self.layers) - 1
+            x, caches = shared_call(module, x, ropes, mask, caches, rows if last else None, **static)
+            new_layers.extend(caches)
+        hidden = _epilogue(shared_call(self.norm, x), keep, twin=twin)
         new_cache = None if cache is None else cache.updated(new_layers)
         return hidden, new_cache
+
+    def layer_groups(self, *, split_last: bool = False) -> list[range]:
+        """The layers in runs of one period of the layer pattern (Gemma 3 4B: 5 sliding + 1 full, so
+        [0, 6), [6, 12), ..., [30, 34)); runs of one period have one structure and share one program.
+        split_last: the last layer alone (it computes only the kept positions)."""
+        types = self.config.layer_types
+        period = next(p for p in range(1, len(types) + 1)
+                      if all(t == types[i % p] for i, t in enumerate(types)))
+        bounds = list(range(0, len(types), period)) + [len(types)]
+        if split_last and bounds[-2] != len(types) - 1:
+            bounds.insert(-1, len(types) - 1)
+        return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+    def _groups(self, rope_kinds: tuple, *, split_last: bool) -> list[tuple[range, LayerGroup]]:
+        """layer_groups with a LayerGroup of each, kept while the layers stay the same (so that calls
+        outside jit reuse the group's bound variables, theworld_jax.jit)."""
+        key = (split_last, rope_kinds, tuple(id(layer) for layer in self.layers))
+        cached = _GROUPS.setdefault(self, {})
+        if key not in cached:
+            cached[key] = [(group, LayerGroup([self.layers[i] for i in group],
+                                              tuple(rope_kinds.index(self.config.rope_for(i)) for i in group)))
+                           for group in self.layer_groups(split_last=split_last)]
+        return cached[key]
 
     def _check_inputs(self, embeds, positions, mask: AttentionMask, cache: KVCache | None, keep) -> None:
         cfg = self.config

@@ -7,19 +7,23 @@ on the host (`theworld_jax.inputs.prepare_batch`), then runs this under jit.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from theworld_jax.attention import Layout, block_layout
+from theworld_jax.attention import AttentionMask, Layout, block_layout
 from theworld_jax.config.gemma3 import Gemma3Config
 from theworld_jax.config.theworld import TheWorldConfig
 from theworld_jax.config.wan_vae import WanVAEConfig
 from theworld_jax.modeling.cosmos_vae import CosmosVAE
 from theworld_jax.modeling.fusion import FusedBatch, causal_lm_loss, causal_lm_loss_at, splice_world
-from theworld_jax.modeling.gemma3 import Gemma3Model, keep_positions
-from theworld_jax.modeling.world_projector import WorldProjector, latents_to_tokens, projector_in_features
+from theworld_jax.jit import shared_call
+from theworld_jax.modeling.gemma3 import Gemma3Model, decoder_inputs
+from theworld_jax.modeling.world_projector import (WorldProjector, latents_to_tokens, num_world_tokens,
+                                                   projector_in_features)
 
 
 @jax.tree_util.register_dataclass
@@ -91,29 +95,55 @@ class TheWorldModel(nnx.Module):
         from host token_type_ids plus the world block when world_attention="bidirectional"); remat: a
         decoder remat policy name; implementation: the attention kernel (None picks).
         """
+        world = self.config.enable_world and video is not None
+        if layout is None:
+            bidirectional = world and self.config.world_attention == "bidirectional"
+            extra = (num_world_tokens(self.config.world_projection_mode, self.vae.config, tuple(video.shape[2:4]),
+                                      video.shape[1]),) if bidirectional else ()
+            layout = block_layout(token_type_ids, attention_mask, extra_blocks=extra)
+        last = logits_to_keep if isinstance(logits_to_keep, (int, np.integer)) else None
+        keep = None if last is not None else logits_to_keep
+        inputs = shared_call(self, input_ids, attention_mask, pixel_values, token_type_ids, labels, video, position_ids,
+                             keep, method="decoder_inputs", last=None if last is None else int(last), layout=layout)
+        hidden, _ = self.language_model(inputs.embeds, positions=inputs.positions, mask=inputs.mask, remat=remat,
+                                        implementation=implementation, keep=inputs.keep)
+        logits = shared_call(self.language_model.embed_tokens, hidden, method="attend")
+        loss = None if labels is None else _loss(logits, inputs.labels, inputs.keep)
+        return ForwardOutput(logits=logits, loss=loss, attention_mask=inputs.attention_mask)
+
+    def decoder_inputs(self, input_ids, attention_mask, pixel_values, token_type_ids, labels, video, position_ids,
+                       logits_to_keep, *, last: int | None, layout: Layout) -> DecoderInputs:
+        """Everything `forward` computes before the decoder layers (the fused embeddings, the mask, the
+        positions and the kept positions mapped past the world tokens), as one program."""
         fused = self.lm_inputs(input_ids, attention_mask, pixel_values=pixel_values, token_type_ids=token_type_ids,
                                labels=labels, video=video)
-        config = self.config
         b, length = fused.attention_mask.shape
         world = length - input_ids.shape[1]
-        keep = logits_to_keep
-        if keep is not None and not isinstance(keep, int):
-            keep = jnp.asarray(keep)
-            if world:
-                sow = jnp.argmax(input_ids == config.sow_token_id, axis=1)[:, None]
-                keep = jnp.where(keep > sow, keep + world, keep)
-        keep = keep_positions(keep, b, length)
-        if layout is None:
-            bidirectional = world and config.world_attention == "bidirectional"
-            layout = block_layout(token_type_ids, attention_mask, extra_blocks=(world,) if bidirectional else ())
+        keep = last if logits_to_keep is None else jnp.asarray(logits_to_keep)
+        if logits_to_keep is not None and world:
+            sow = jnp.argmax(input_ids == self.config.sow_token_id, axis=1)[:, None]
+            keep = jnp.where(keep > sow, keep + world, keep)
         positions = fused.positions if position_ids is None else position_ids
-        logits = self.gemma.decode_embeds(fused.embeds, fused.attention_mask, fused.token_type_ids, positions,
-                                          logits_to_keep=keep, layout=layout, remat=remat,
-                                          implementation=implementation)
-        loss = None
-        if labels is not None:
-            loss = causal_lm_loss(logits, fused.labels) if keep is None else causal_lm_loss_at(logits, fused.labels, keep)
-        return ForwardOutput(logits=logits, loss=loss, attention_mask=fused.attention_mask)
+        mask, positions, keep = decoder_inputs(self.gemma_config, fused.embeds, fused.attention_mask,
+                                               fused.token_type_ids, positions, logits_to_keep=keep, layout=layout)
+        return DecoderInputs(fused.embeds, positions, mask, keep, fused.labels, fused.attention_mask)
+
+
+class DecoderInputs(NamedTuple):
+    """What TheWorldModel.forward feeds its decoder: embeds (B, L, D), positions (B, L), the mask, keep
+    (B, K) or None, and the fused labels and attention_mask (B, L) (labels None without labels)."""
+
+    embeds: jax.Array
+    positions: jax.Array
+    mask: AttentionMask
+    keep: jax.Array | None
+    labels: jax.Array | None
+    attention_mask: jax.Array
+
+
+@jax.jit
+def _loss(logits, labels, keep):
+    return causal_lm_loss(logits, labels) if keep is None else causal_lm_loss_at(logits, labels, keep)
 
 
 def make_world_projector(config: TheWorldConfig, gemma_config: Gemma3Config, vae_config: WanVAEConfig, *,

@@ -1,0 +1,112 @@
+"""Staged execution: a model's stages run as programs of their own outside jit (theworld_jax.jit), with
+the same values as one whole program, and the decoder's identical layer groups compiled once."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from theworld_jax.train.config import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from theworld_jax.tiny import DATA_DIR
+    from theworld_jax.train import data as data_lib
+    from theworld_jax.train import model as model_lib
+
+    config = load_config(TINY, ["model.freeze_gemma_language=false", "model.dtype=float32"])
+    theworld = model_lib.build_theworld(config.model, init=None, seed=0)
+    extra = model_lib.extra_tokens(theworld)
+    encoder = data_lib.Encoder(theworld.processor, theworld.gemma_config.image_token_id)
+    dataset = data_lib.load_dataset(os.path.join(DATA_DIR, "train.jsonl"), config.data, encoder, extra_tokens=extra)
+    loader = data_lib.Loader(dataset, encoder, model_lib.image_preparer(theworld), extra_tokens=extra, pad_id=0,
+                             num_threads=1)
+    rows = model_lib.with_keep(model_lib.prepare(theworld, loader.batch(np.arange(4), 96)),
+                               model_lib.keep_size(dataset.targets))
+    batch = {k: jnp.asarray(v.reshape(2, 2, *v.shape[1:])) for k, v in rows.items()}  # 2 micro-batches of 2
+    return theworld, config, batch
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_staged_train_step_equals_the_whole_step(setup, remat):
+    from theworld_jax.train import model as model_lib
+    from theworld_jax.train.step import TrainStep, make_optimizer
+
+    theworld, config, batch = setup
+    split = model_lib.split_trainable(theworld.model, model_lib.trainable_paths(theworld.model, theworld.config))
+    layout = model_lib.attention_layout(theworld)
+    results = []
+    for staged in (False, True):
+        trainable = jax.tree.map(jnp.copy, split.initial_trainable())  # float32: the model's own arrays, donated
+        optimizer = make_optimizer(config.optimizer, 10, trainable)
+        step = TrainStep(split, optimizer, layout=layout, remat=remat, staged=staged)
+        opt_state = optimizer.init(trainable)
+        for _ in range(2):
+            trainable, opt_state, metrics = step.step(trainable, opt_state, split.frozen, batch)
+        evaluated = step.eval(trainable, split.frozen, {k: v[0] for k, v in batch.items()})
+        results.append((trainable, metrics, evaluated))
+    (whole, whole_metrics, whole_eval), (staged, staged_metrics, staged_eval) = results
+    for key in whole_metrics:
+        np.testing.assert_allclose(np.asarray(staged_metrics[key]), np.asarray(whole_metrics[key]), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(staged_eval[0]), np.asarray(whole_eval[0]), rtol=1e-5)
+    assert set(staged) == set(whole)
+    for path in whole:
+        np.testing.assert_allclose(np.asarray(staged[path]), np.asarray(whole[path]), rtol=1e-5, atol=1e-6,
+                                   err_msg=path)
+
+
+def test_staged_forward_equals_the_whole_program(setup):
+    from theworld_jax.train import model as model_lib
+
+    theworld, _, batch = setup
+    inputs = {k: v[0] for k, v in batch.items()}
+    layout = model_lib.attention_layout(theworld)
+    graphdef, state = nnx.split(theworld.model)
+
+    def forward(model):
+        out = model.forward(inputs["input_ids"], inputs["attention_mask"], pixel_values=inputs["pixel_values"],
+                            token_type_ids=inputs["token_type_ids"], video=inputs["video"], labels=inputs["labels"],
+                            layout=layout)
+        return out.logits, out.loss
+
+    whole = jax.jit(lambda state: forward(nnx.merge(graphdef, state)))(state)
+    staged = forward(theworld.model)
+    for a, b in zip(staged, whole):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_staged_forward_compiles_one_program_per_group_structure():
+    """34 layers of Gemma 3 4B's pattern run outside jit: the decoder compiles the group of six layers
+    once for its five runs, the last four layers once, and its prologue, norm and epilogue."""
+    from tests.helpers.tiny_gemma import tiny_gemma3_config
+    from theworld_jax.attention import make_attention_mask
+    from theworld_jax.config.gemma3 import Gemma3TextConfig
+    from theworld_jax.modeling.gemma3_text import Gemma3TextDecoder
+
+    layer_types = (["sliding_attention"] * 5 + ["full_attention"]) * 6
+    hf_config = tiny_gemma3_config(text_config=dict(num_hidden_layers=34, layer_types=layer_types[:34]))
+    decoder = Gemma3TextDecoder(Gemma3TextConfig.from_dict(hf_config.text_config.to_dict()), rngs=nnx.Rngs(0))
+    assert [(g.start, g.stop) for g in decoder.layer_groups()] == [(0, 6), (6, 12), (12, 18), (18, 24), (24, 30),
+                                                                    (30, 34)]
+    assert decoder.layer_groups(split_last=True)[-2:] == [range(30, 33), range(33, 34)]
+    embeds = jnp.asarray(np.random.default_rng(0).normal(size=(1, 7, decoder.config.hidden_size)), jnp.float32)
+    mask = make_attention_mask(jnp.ones((1, 7), jnp.int32))
+    positions = jnp.arange(7)[None]
+    compiled = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **kw: compiled.append(kw.get("fun_name"))
+        if event == "/jax/core/compile/backend_compile_duration" else None)
+    hidden, _ = decoder(embeds, positions=positions, mask=mask)
+    assert sorted(compiled) == ["jit(LayerGroup)", "jit(LayerGroup)", "jit(RMSNorm)", "jit(_epilogue)",
+                                "jit(_prologue)"]
+    traced = jax.jit(lambda e: decoder(e, positions=positions, mask=mask)[0])(embeds)
+    np.testing.assert_allclose(np.asarray(hidden), np.asarray(traced), rtol=1e-5, atol=1e-5)
