@@ -8,8 +8,11 @@ diffusers' default Wan VAE + an mlp world projector. Workloads, B=1:
 - train: the projector-only training step: value_and_grad of the loss from the logits at the 40
   labelled positions, and an optax AdamW update;
 - prefill: generate's prefill of a 4,400-token text prompt (theworld_jax.generation.start, bucketed);
-- decode: generate's decode loop, 127 more tokens (128 new tokens in all, no eos).
-Each is called once (first call: trace + compile + run; compile times from jax.monitoring), then
+- decode: generate's decode loop, 127 more tokens (128 new tokens in all, no eos);
+- forward_staged: the forward outside jit, as TheWorld.__call__ runs it since the tenth session: each
+  stage a program of its own, the decoder's identical layer groups one program.
+The programs get the XLA options the library gives them (theworld_jax.jit.LARGE_PROGRAM_OPTIONS,
+theworld_jax.train.step.COMPILER_OPTIONS, where the tree has them). Each is called once (first call: trace + compile + run; compile times from jax.monitoring), then
 --warmup more calls and the median of --repeats timed calls (steady state). Then the same script runs
 in a new process with --first-only on the same --cache-dir, now warm. The cache is on in both
 processes (as the command lines have it), so the first process's first calls include writing it.
@@ -44,7 +47,7 @@ import numpy as np  # noqa: E402
 
 from bench.common import log, write_report  # noqa: E402
 
-WORKLOADS = ("forward", "train", "prefill", "decode", "forward_staged", "train_staged")
+WORKLOADS = ("forward", "train", "prefill", "decode", "forward_staged")
 NEW_TOKENS = 128
 _COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
                    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
@@ -61,10 +64,13 @@ class CompileClock:
         jax.monitoring.register_event_duration_secs_listener(self._duration)
         jax.monitoring.register_event_listener(self._event)
 
-    def _duration(self, event, duration, **_):
+    def _duration(self, event, duration, **kwargs):
         if event in _COMPILE_EVENTS:
             key = _COMPILE_EVENTS[event]
             self.total[key] = self.total.get(key, 0.0) + duration
+            if key == "compile_s" and duration >= 0.05:  # each program's backend compile, by name
+                programs = self.total.setdefault("programs", [])
+                programs.append((kwargs.get("fun_name", "?"), round(duration, 3)))
 
     def _event(self, event, **_):
         if "compilation_cache/cache_hits" in event or "compilation_cache/cache_misses" in event:
@@ -125,8 +131,16 @@ def workloads(model, z: dict) -> dict:
     layout = block_layout(x["token_type_ids"], x["attention_mask"])
     keep = jnp.asarray(labelled_positions(x["labels"]))
     x = {k: jnp.asarray(v, jnp.bfloat16 if v.dtype == np.float32 else jnp.int32) for k, v in x.items()}
+    # the XLA options the library gives these programs (none before the tenth session)
+    large = getattr(jit, "LARGE_PROGRAM_OPTIONS", {})
+    train_options = getattr(__import__("theworld_jax.train.step").train.step, "COMPILER_OPTIONS", {})
     graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda s, x: nnx.merge(graphdef, s).forward(**x, layout=layout).logits)
+    forward = jax.jit(lambda s, x: nnx.merge(graphdef, s).forward(**x, layout=layout).logits,
+                      compiler_options=large or None)
+
+    def forward_staged():  # outside jit, as TheWorld.__call__ runs it: each stage a program of its own
+        with jit.compiler_options(large):
+            return model.forward(**x, layout=layout).logits
 
     trainable = lambda path, value: "world_projector" in path  # noqa: E731
     tx = optax.adamw(1e-5)
@@ -135,7 +149,7 @@ def workloads(model, z: dict) -> dict:
     def loss_fn(params, frozen, x, keep):
         return nnx.merge(graphdef2, params, frozen).forward(**x, logits_to_keep=keep, layout=layout).loss
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=train_options or None)
     def step(params, opt_state, frozen, x, keep):
         loss, grads = jax.value_and_grad(loss_fn)(params, frozen, x, keep)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -145,28 +159,6 @@ def workloads(model, z: dict) -> dict:
 
     def train():
         carry[0], carry[1], loss = step(carry[0], carry[1], frozen, x, keep)
-        return loss
-
-    # staged: the same work outside jit (as theworld_jax.train.step.TrainStep(staged=True) runs it), so
-    # every stage (the decoder's layer groups among them) is a program of its own, compiled once per
-    # structure (theworld_jax.jit.shared_call); the trained Variables read the differentiated values
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def update(params, opt_state, grads):
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    staged_model = nnx.merge(graphdef2, jax.tree.map(jnp.copy, params), frozen)
-    trained = [v for _, v in nnx.to_flat_state(nnx.state(staged_model, trainable))]
-
-    def staged_loss(params):
-        with jit.staging(zip(trained, [v.get_value() for _, v in nnx.to_flat_state(params)])):
-            return staged_model.forward(**x, logits_to_keep=keep, layout=layout).loss
-
-    staged_carry = [jax.tree.map(jnp.copy, params), tx.init(params)]
-
-    def train_staged():
-        loss, grads = jax.value_and_grad(staged_loss)(staged_carry[0])
-        staged_carry[0], staged_carry[1] = update(staged_carry[0], staged_carry[1], grads)
         return loss
 
     ids = np.random.RandomState(1).randint(*z["text"], (1, z["prompt"])).astype(np.int32)
@@ -189,8 +181,7 @@ def workloads(model, z: dict) -> dict:
     block = jax.block_until_ready
     return {"forward": (lambda: forward(state, x), block, None),
             "train": (train, block, None),
-            "forward_staged": (lambda: model.forward(**x, layout=layout).logits, block, None),
-            "train_staged": (train_staged, block, None),
+            "forward_staged": (forward_staged, block, None),
             "prefill": (prefill, lambda d: d.new_tokens(), None),
             "decode": (decode, lambda t: np.asarray(t), fresh_prefill),
             "census": lambda: decode_census(prefill(), min_bytes=128 * z["config"].text_config.hidden_size)}
@@ -227,7 +218,7 @@ def decode_census(decoding, min_bytes: int) -> dict:
         bound = decoding._decode
         values = [v.get_value() for v in bound._variables]
         state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), decoding.state)
-        lowered = bound._jitted.lower(values, state, jax.numpy.int32(2), *decoding._dynamic, **decoding._static)
+        lowered = bound.program.lower(values, state, jax.numpy.int32(2), *decoding._dynamic, **decoding._static)
         return {**copy_census(lowered.compile().as_text(), min_bytes), "min_bytes": min_bytes}
     except Exception as err:  # noqa: BLE001 - a census is optional
         return {"error": f"{type(err).__name__}: {str(err)[:200]}"}

@@ -1,5 +1,5 @@
-"""Staged execution: a model's stages run as programs of their own outside jit (theworld_jax.jit), with
-the same values as one whole program, and the decoder's identical layer groups compiled once."""
+"""Staged execution: a model's stages run as programs of their own outside jit (theworld_jax.jit.shared_call),
+with the same values as one whole program, and the decoder's identical layer groups compiled once."""
 
 from __future__ import annotations
 
@@ -32,43 +32,16 @@ def setup():
                              num_threads=1)
     rows = model_lib.with_keep(model_lib.prepare(theworld, loader.batch(np.arange(4), 96)),
                                model_lib.keep_size(dataset.targets))
-    batch = {k: jnp.asarray(v.reshape(2, 2, *v.shape[1:])) for k, v in rows.items()}  # 2 micro-batches of 2
-    return theworld, config, batch
-
-
-@pytest.mark.parametrize("remat", ["none", "full"])
-def test_staged_train_step_equals_the_whole_step(setup, remat):
-    from theworld_jax.train import model as model_lib
-    from theworld_jax.train.step import TrainStep, make_optimizer
-
-    theworld, config, batch = setup
-    split = model_lib.split_trainable(theworld.model, model_lib.trainable_paths(theworld.model, theworld.config))
-    layout = model_lib.attention_layout(theworld)
-    results = []
-    for staged in (False, True):
-        trainable = jax.tree.map(jnp.copy, split.initial_trainable())  # float32: the model's own arrays, donated
-        optimizer = make_optimizer(config.optimizer, 10, trainable)
-        step = TrainStep(split, optimizer, layout=layout, remat=remat, staged=staged)
-        opt_state = optimizer.init(trainable)
-        for _ in range(2):
-            trainable, opt_state, metrics = step.step(trainable, opt_state, split.frozen, batch)
-        evaluated = step.eval(trainable, split.frozen, {k: v[0] for k, v in batch.items()})
-        results.append((trainable, metrics, evaluated))
-    (whole, whole_metrics, whole_eval), (staged, staged_metrics, staged_eval) = results
-    for key in whole_metrics:
-        np.testing.assert_allclose(np.asarray(staged_metrics[key]), np.asarray(whole_metrics[key]), rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(staged_eval[0]), np.asarray(whole_eval[0]), rtol=1e-5)
-    assert set(staged) == set(whole)
-    for path in whole:
-        np.testing.assert_allclose(np.asarray(staged[path]), np.asarray(whole[path]), rtol=1e-5, atol=1e-6,
-                                   err_msg=path)
+    return theworld, {k: jnp.asarray(v) for k, v in rows.items()}
 
 
 def test_staged_forward_equals_the_whole_program(setup):
+    """The forward outside jit (each stage a program, compiled with LARGE_PROGRAM_OPTIONS as TheWorld runs
+    it) against the same forward as one jitted program, and under an outer jit with the options set."""
+    from theworld_jax.jit import LARGE_PROGRAM_OPTIONS, compiler_options
     from theworld_jax.train import model as model_lib
 
-    theworld, _, batch = setup
-    inputs = {k: v[0] for k, v in batch.items()}
+    theworld, inputs = setup
     layout = model_lib.attention_layout(theworld)
     graphdef, state = nnx.split(theworld.model)
 
@@ -79,9 +52,12 @@ def test_staged_forward_equals_the_whole_program(setup):
         return out.logits, out.loss
 
     whole = jax.jit(lambda state: forward(nnx.merge(graphdef, state)))(state)
-    staged = forward(theworld.model)
-    for a, b in zip(staged, whole):
+    with compiler_options(LARGE_PROGRAM_OPTIONS):
+        staged = forward(theworld.model)
+        nested = jax.jit(lambda state: forward(nnx.merge(graphdef, state)))(state)
+    for a, b, c in zip(staged, whole, nested):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(c), np.asarray(b))
 
 
 def test_staged_forward_compiles_one_program_per_group_structure():

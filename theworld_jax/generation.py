@@ -27,7 +27,7 @@ from flax import nnx, struct
 
 from theworld_jax.attention import Layout, block_layout, make_attention_mask, make_decode_mask
 from theworld_jax.inputs import Batch
-from theworld_jax.jit import jit_module
+from theworld_jax.jit import LARGE_PROGRAM_OPTIONS, jit_module
 from theworld_jax.modeling.kv_cache import KVCache
 from theworld_jax.sampling import SamplingConfig, choose
 
@@ -201,7 +201,8 @@ def start(model: nnx.Module, batch: Batch, *, max_new_tokens: int = 32, do_sampl
     world_attention = getattr(model.config, "world_attention", "causal")
     extra = (world_tokens,) if world_tokens and world_attention == "bidirectional" else ()
     layout = block_layout(padded["token_type_ids"], padded["attention_mask"], extra_blocks=extra)  # fast attention
-    prefill = jit_module(_prefill, model, static_argnames=("capacity", "layout", *static))
+    prefill = jit_module(_prefill, model, static_argnames=("capacity", "layout", *static),
+                         compiler_options=LARGE_PROGRAM_OPTIONS)
     state = prefill(padded, jax.random.key(seed), *dynamic, capacity=buckets.length(int(max_new_tokens)),
                     layout=layout, **static)
     return Decoding(model.language_model, state, ids, int(max_new_tokens), static, dynamic)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 import functools
 import os
 import weakref
@@ -33,9 +32,10 @@ _BOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def jit_module(fn: Callable[..., Any], module: nnx.Module, *, static_argnames: tuple[str, ...] = (),
-               donate_argnames: tuple[str, ...] = ()) -> Callable[..., Any]:
-    """`functools.partial(fn, module)`, jitted (cached per module, fn and options)."""
-    key = (fn, tuple(static_argnames), tuple(donate_argnames))
+               donate_argnames: tuple[str, ...] = (), compiler_options: dict | None = None) -> Callable[..., Any]:
+    """`functools.partial(fn, module)`, jitted (cached per module, fn and options; `compiler_options`: XLA's,
+    e.g. LARGE_PROGRAM_OPTIONS)."""
+    key = (fn, tuple(static_argnames), tuple(donate_argnames), tuple(sorted((compiler_options or {}).items())))
     return _bound(module, key, lambda graphdef, paths: _jit(graphdef, paths, *key))
 
 
@@ -47,7 +47,8 @@ def _bound(module: nnx.Module, key: tuple, make_program: Callable) -> _Bound:
 
 
 class _Bound:
-    """A module's live variables and the program `make_program(graphdef, paths)` that takes their values."""
+    """A module's live variables and the program `make_program(graphdef, paths)` that takes their values
+    (for shared_call: a function of the compiler options that returns the program, `program(options)`)."""
 
     def __init__(self, module: nnx.Module, make_program: Callable):
         graphdef, state = nnx.split(module)
@@ -59,17 +60,15 @@ class _Bound:
         # and its array-ref checks cost 6.9 ms per call for the 883 variables of Gemma 3 4B with its
         # vision tower against 0.8 ms (this host), on every prefill and every decode call.
         self._raw = all(isinstance(v.get_raw_value(), jax.Array) for v in self._variables)
-        self._jitted = make_program(graphdef, paths)
+        self.program = make_program(graphdef, paths)
+
+    def values(self) -> list:
+        if self._raw:
+            return [v.get_raw_value() for v in self._variables]
+        return [v.get_value() for v in self._variables]
 
     def __call__(self, *args, **kwargs):
-        if self._raw:
-            values = [v.get_raw_value() for v in self._variables]
-        else:
-            values = [v.get_value() for v in self._variables]
-        substitutes = _STAGING.get().substitutes
-        if substitutes:
-            values = [substitutes.get(id(v), value) for v, value in zip(self._variables, values)]
-        return self._jitted(values, *args, **kwargs)
+        return self.program(self.values(), *args, **kwargs)
 
 
 def _merge(graphdef, paths: tuple, values) -> nnx.Module:
@@ -77,7 +76,7 @@ def _merge(graphdef, paths: tuple, values) -> nnx.Module:
 
 
 @functools.lru_cache(maxsize=64)
-def _jit(graphdef, paths: tuple, fn, static_argnames: tuple, donate_argnames: tuple):
+def _jit(graphdef, paths: tuple, fn, static_argnames: tuple, donate_argnames: tuple, compiler_options: tuple):
     """One jitted function per (module structure, fn, options)."""
 
     @functools.wraps(fn)  # fn's name in compile logs and profiles; fn's signature for the argnames
@@ -85,7 +84,8 @@ def _jit(graphdef, paths: tuple, fn, static_argnames: tuple, donate_argnames: tu
         return fn(_merge(graphdef, paths, values), *args, **kwargs)
 
     progress.announce_compiles(fn.__name__, fn.__name__.strip("_").replace("_", " "))
-    return jax.jit(run, static_argnames=static_argnames, donate_argnames=donate_argnames)
+    return jax.jit(run, static_argnames=static_argnames, donate_argnames=donate_argnames,
+                   compiler_options=dict(compiler_options) or None)
 
 
 def shared_call(module: nnx.Module, *args, method: str = "__call__", remat_policy: Callable | None = None,
@@ -98,48 +98,51 @@ def shared_call(module: nnx.Module, *args, method: str = "__call__", remat_polic
     program does the work of direct calls (the same steady-state times on an H200,
     bench/results/compile_gpu.md). Called outside jit, each call runs that program, compiled once per
     structure: a caller that runs a model's stages this way compiles each stage once, the decoder's
-    identical layer groups once for all (`theworld_jax.staged`). `args` are pytrees of arrays;
+    identical layer groups once for all (TheWorld's forward; `compiler_options` gives these programs
+    XLA options). `args` are pytrees of arrays;
     `static` values must be hashable. remat_policy: a `jax.checkpoint` policy to rematerialise the
     call's activations in the backward pass with, or None for none."""
     key = (_shared_program, method, remat_policy, tuple(sorted(static.items())))
     name = type(module).__name__
-    return _bound(module, key, lambda graphdef, paths: _shared_program(graphdef, paths, name, *key[1:]))(*args)
+    bound = _bound(module, key, lambda graphdef, paths: functools.partial(_shared_program, graphdef, paths, name,
+                                                                          *key[1:]))
+    values = bound.values()
+    nested = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((values, args)))
+    return bound.program(() if nested else _OPTIONS.get())(values, *args)
 
 
 @functools.lru_cache(maxsize=256)
-def _shared_program(graphdef, paths: tuple, name: str, method: str, remat_policy, static: tuple):
+def _shared_program(graphdef, paths: tuple, name: str, method: str, remat_policy, static: tuple, options: tuple):
     def call(values, *args):
-        token = _STAGING.set(_Staging())  # calls inside the program read its own values
-        try:
-            return getattr(_merge(graphdef, paths, values), method)(*args, **dict(static))
-        finally:
-            _STAGING.reset(token)
+        return getattr(_merge(graphdef, paths, values), method)(*args, **dict(static))
 
     call.__name__ = name if method == "__call__" else f"{name}.{method}"  # its name in traces and compile logs
-    return jax.jit(call if remat_policy is None else jax.checkpoint(call, policy=remat_policy))
+    progress.announce_compiles(call.__name__, call.__name__)  # when it compiles as a program of its own
+    return jax.jit(call if remat_policy is None else jax.checkpoint(call, policy=remat_policy),
+                   compiler_options=dict(options) or None)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Staging:
-    substitutes: dict | None = None  # id(Variable) -> the value calls read instead of the Variable's
+# XLA options of the programs that run a model over whole sequences (the forward, the prefill, the training
+# step; not the decode loop): GEMMs through cuBLAS, not Triton. On an H200 (bench/results/compile_gpu.md,
+# tenth session) this cut the first call of the fused forward from 27.7 to 17.6 s and of the projector-only
+# training step from 41.8 to 23.6 s (autotuning Triton GEMM configurations was the largest part of XLA's
+# compile), with the same steady state (79.3 / 140.4 ms against 81.2 / 140.3 ms): at thousands of rows the
+# autotuner picked cuBLAS anyway. Decoding keeps Triton, faster at one or two rows. Other backends ignore
+# the option.
+LARGE_PROGRAM_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
-
-_STAGING: contextvars.ContextVar[_Staging] = contextvars.ContextVar("theworld_jax_staging", default=_Staging())
+_OPTIONS: contextvars.ContextVar[tuple] = contextvars.ContextVar("theworld_jax_compiler_options", default=())
 
 
 @contextlib.contextmanager
-def staging(substitutes=()):
-    """Inside: calls through `jit_module` and `shared_call` read the values of `substitutes`, (Variable,
-    value) pairs, in place of those Variables' own values.
-    A training step run outside jit differentiates a persistent model's parameters this way: the
-    values are autodiff tracers, and no module is split or merged per step (`theworld_jax.train.step`).
-    Every read of those parameters must then go through such calls (a model's forward does)."""
-    ids = {id(variable): value for variable, value in substitutes} or None
-    token = _STAGING.set(_Staging(ids))
+def compiler_options(options: dict):
+    """Inside: the programs `shared_call` runs outside jit (a model's stages, called one by one) are
+    compiled with these XLA options. Calls under an outer jit are part of its program and take its own."""
+    token = _OPTIONS.set(tuple(sorted(options.items())))
     try:
         yield
     finally:
-        _STAGING.reset(token)
+        _OPTIONS.reset(token)
 
 
 def default_compilation_cache_dir() -> str:

@@ -18,7 +18,7 @@ from theworld_jax.config import Gemma3Config, TheWorldConfig, WanVAEConfig, read
 from theworld_jax.generation import BucketPolicy, Decoding, start, stream_text
 from theworld_jax.inputs import Batch, InputSpec, prepare_batch
 from theworld_jax.io_safety import atomic_directory
-from theworld_jax.jit import jit_module
+from theworld_jax.jit import LARGE_PROGRAM_OPTIONS, compiler_options
 from theworld_jax.modeling.theworld import batch_layout
 from theworld_jax.modeling.theworld import ForwardOutput, TheWorldModel, make_world_projector
 from theworld_jax.processing import add_world_tokens, load_processor, original_vocab_size
@@ -187,9 +187,11 @@ class TheWorld:
         layout = batch_layout(batch, self.config.world_attention)
         if self.mesh is not None:
             batch = jax.tree.map(lambda v: jax.device_put(v, sharding.batch_sharding(self.mesh, v.shape)), batch)
-        with sharding.activate(self.mesh):
-            return jit_module(_forward, self.model, static_argnames=("last", "layout", "remat"))(
-                batch, last=last, layout=layout, remat=remat)
+        # Outside jit: the forward's stages run as programs of their own (jit.shared_call), the decoder's
+        # identical layer groups one program for all, so a first call compiles a fraction of the whole
+        # (bench/results/compile_gpu.md, tenth session: 12 s against 18 s for one program on an H200)
+        with sharding.activate(self.mesh), compiler_options(LARGE_PROGRAM_OPTIONS):
+            return _forward(self.model, batch, last=last, layout=layout, remat=remat)
 
     # ------------------------------------------------------------------ generation
     def generate(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None, images=None, *,

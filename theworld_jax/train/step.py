@@ -12,9 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
-from theworld_jax import jit
+from theworld_jax.jit import LARGE_PROGRAM_OPTIONS
 from theworld_jax.train import model as model_lib
 
 
@@ -42,27 +41,22 @@ def make_optimizer(opt_cfg, total_steps: int, params: dict[str, jax.Array]) -> o
                     weight_decay=opt_cfg.weight_decay, mask=decay_mask(params)))
 
 
-# XLA options of the step and eval programs. The dot merger (XLA:GPU with cuBLAS GEMMs) joins the q/k/v
-# products and the gate/up products of each layer into one product each by concatenating their weights,
-# on every call: in the deviceless H200 compile of the projector-only step at batch 1 that was 975 MiB of
-# weight concatenations and 289 MiB of output slices per step (bench/results/gpu_aot_programs.md, sixth
-# session); without it every product reads its weight in place. Other backends ignore the option.
-COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
+# XLA options of the step and eval programs: those of every large program (theworld_jax.jit), and no dot
+# merger. The dot merger (XLA:GPU with cuBLAS GEMMs) joins the q/k/v products and the gate/up products of
+# each layer into one product each by concatenating their weights, on every call: in the deviceless H200
+# compile of the projector-only step at batch 1 that was 975 MiB of weight concatenations and 289 MiB of
+# output slices per step (bench/results/gpu_aot_programs.md, sixth session); without it every product
+# reads its weight in place. Other backends ignore the option.
+COMPILER_OPTIONS = {**LARGE_PROGRAM_OPTIONS, "xla_gpu_dot_merger_threshold_mb": 0}
 
 
 class TrainStep:
-    """`step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics)`; `compiles` counts
-    the traces of the step. `layout`: the fast attention path's static bound (model.attention_layout);
-    `remat`: the decoder's remat policy name.
-
-    staged=False: the step is one program, compiled once per batch shape. staged=True: the step runs
-    outside jit, each stage of the model's forward (and its gradient) a program of its own, the decoder's
-    identical layer groups one program for all (theworld_jax.jit.shared_call), then the update: the
-    same values from programs a fraction of the size, so the first step compiles in a fraction of the
-    time (bench/results/compile_gpu.md)."""
+    """`step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics)`, jitted once per
+    batch shape; `compiles` counts the traces. `layout`: the fast attention path's static bound
+    (model.attention_layout); `remat`: the decoder's remat policy name."""
 
     def __init__(self, split: model_lib.SplitModel, optimizer: optax.GradientTransformation, *, layout=None,
-                 remat: str = "none", staged: bool = False):
+                 remat: str = "none"):
         self.split = split
         self.optimizer = optimizer
         self.layout = layout
@@ -70,10 +64,6 @@ class TrainStep:
         self.compiles = 0
         self.step = jax.jit(self._step, donate_argnums=(0, 1), compiler_options=COMPILER_OPTIONS)
         self.eval = jax.jit(self._eval, compiler_options=COMPILER_OPTIONS)
-        if staged:
-            self.step, self.eval = self._staged_step, self._staged_eval
-            self._update = jax.jit(self._apply, donate_argnums=(0, 1), compiler_options=COMPILER_OPTIONS)
-            self._model = None
 
     def _micro_loss(self, trainable, frozen, micro):
         model = self.split.merge(trainable, frozen)
@@ -91,13 +81,6 @@ class TrainStep:
         zeros = jax.tree.map(jnp.zeros_like, trainable)
         init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
         (grads, total, count), _ = jax.lax.scan(accumulate, init, batch)
-        return self._apply(trainable, opt_state, grads, total, count)
-
-    def _eval(self, trainable, frozen, batch):
-        return self._micro_loss(trainable, frozen, batch)
-
-    def _apply(self, trainable, opt_state, grads, total, count):
-        """The optimizer update from summed gradients, loss and target count -> (trainable, opt_state, metrics)."""
         denom = jnp.maximum(count, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = self.optimizer.update(grads, opt_state, trainable)
@@ -105,34 +88,6 @@ class TrainStep:
         metrics = {"loss": total / denom, "target_tokens": count, "grad_norm": optax.tree.norm(grads)}
         return trainable, opt_state, metrics
 
-    def _staged_model(self, trainable, frozen):
-        """The model merged once (for these frozen values) and its trained Variables by path."""
-        if self._model is None or self._model[0] is not frozen:
-            model = self.split.merge(trainable, frozen)
-            variables = {model_lib.param_path(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-            self._model = (frozen, model, {path: variables[path] for path in trainable})
-        return self._model[1:]
-
-    def _staged_loss(self, trainable, frozen, micro):
-        model, variables = self._staged_model(trainable, frozen)
-        # the float32 master values, as split.merge puts them in the whole step's model
-        with jit.staging([(variables[path], value) for path, value in trainable.items()]):
-            return model_lib.loss_terms(model, micro, layout=self.layout, remat=self.remat)
-
-    def _staged_step(self, trainable, opt_state, frozen, batch):
-        grad_fn = jax.value_and_grad(self._staged_loss, has_aux=True)
-        grads, total, count = None, None, None
-        for a in range(jax.tree.leaves(batch)[0].shape[0]):
-            (t, c), g = grad_fn(trainable, frozen, {k: v[a] for k, v in batch.items()})
-            grads, total, count = (g, t, c) if grads is None else _accumulate((grads, total, count), (g, t, c))
-        self.compiles = max(self.compiles, 1)
-        return self._update(trainable, opt_state, grads, total, count)
-
-    def _staged_eval(self, trainable, frozen, batch):
-        return self._staged_loss(trainable, frozen, batch)
-
-
-@jax.jit
-def _accumulate(sums, terms):
-    return jax.tree.map(jnp.add, sums, terms)
+    def _eval(self, trainable, frozen, batch):
+        return self._micro_loss(trainable, frozen, batch)
 
