@@ -41,13 +41,12 @@ def make_optimizer(opt_cfg, total_steps: int, params: dict[str, jax.Array]) -> o
                     weight_decay=opt_cfg.weight_decay, mask=decay_mask(params)))
 
 
-# XLA options of the step and eval programs: those of every large program (theworld_jax.jit), and no dot
-# merger. The dot merger (XLA:GPU with cuBLAS GEMMs) joins the q/k/v products and the gate/up products of
-# each layer into one product each by concatenating their weights, on every call: in the deviceless H200
-# compile of the projector-only step at batch 1 that was 975 MiB of weight concatenations and 289 MiB of
-# output slices per step (bench/results/gpu_aot_programs.md, sixth session); without it every product
-# reads its weight in place. Other backends ignore the option.
-COMPILER_OPTIONS = {**LARGE_PROGRAM_OPTIONS, "xla_gpu_dot_merger_threshold_mb": 0}
+# XLA options of the step and eval programs: those of every large program (theworld_jax.jit). XLA's dot
+# merger stays on: with Triton GEMMs it concatenated the frozen q/k/v and gate/up weights on every step
+# (975 MiB at batch 1 in the deviceless H200 compile, bench/results/gpu_aot_programs.md, sixth session) and
+# was switched off; with cuBLAS GEMMs the step compiled in 27.7 s with it against 37.0 s without, at the
+# same speed (142.0 / 142.8 ms on an H200, bench/results/compile_gpu.md, tenth session).
+COMPILER_OPTIONS = dict(LARGE_PROGRAM_OPTIONS)
 
 
 class TrainStep:
