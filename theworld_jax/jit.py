@@ -7,8 +7,12 @@ traversal, which is what `nnx.jit` pays per call) and sees parameter updates mad
 structure must not change after the first call. Compiled programs are shared by all modules of one
 structure. Under an outer trace (a module holding tracers) the call is inlined as a nested jit.
 
-`shared_call(module, *args, **static)` calls a module through one nested jitted program per module
-structure: a decoder's identical layers are traced and lowered once instead of once each.
+`shared_call(module, *args, **static)` calls a module through one jitted program per module structure:
+under an outer jit a decoder's identical layers are traced and lowered once instead of once each; outside
+jit each call runs that program, so a forward run stage by stage compiles each kind of stage once.
+
+`LARGE_PROGRAM_OPTIONS` are the XLA options of programs over whole sequences (`jit_module(...,
+compiler_options=)`; `with compiler_options(...)` for the programs shared_call runs outside jit).
 
 `enable_compilation_cache()` turns on JAX's persistent compilation cache (the command lines do, unless
 --no-compile-cache): a second launch with the same shapes loads its programs instead of compiling them.
@@ -98,10 +102,10 @@ def shared_call(module: nnx.Module, *args, method: str = "__call__", remat_polic
     program does the work of direct calls (the same steady-state times on an H200,
     bench/results/compile_gpu.md). Called outside jit, each call runs that program, compiled once per
     structure: a caller that runs a model's stages this way compiles each stage once, the decoder's
-    identical layer groups once for all (TheWorld's forward; `compiler_options` gives these programs
-    XLA options). `args` are pytrees of arrays;
-    `static` values must be hashable. remat_policy: a `jax.checkpoint` policy to rematerialise the
-    call's activations in the backward pass with, or None for none."""
+    identical layer groups once for all (TheWorld's forward), with the XLA options of the enclosing
+    `compiler_options(...)`. `args` are pytrees of arrays; `static` values must be hashable.
+    remat_policy: a `jax.checkpoint` policy to rematerialise the call's activations in the backward
+    pass with, or None for none."""
     key = (_shared_program, method, remat_policy, tuple(sorted(static.items())))
     name = type(module).__name__
     bound = _bound(module, key, lambda graphdef, paths: functools.partial(_shared_program, graphdef, paths, name,
