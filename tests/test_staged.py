@@ -3,35 +3,19 @@ with the same values as one whole program, and the decoder's identical layer gro
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from theworld_jax.train.config import load_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "configs", "tiny.yaml")
-
 
 @pytest.fixture(scope="module")
 def setup():
-    from theworld_jax.tiny import DATA_DIR
-    from theworld_jax.train import data as data_lib
-    from theworld_jax.train import model as model_lib
+    from tests.helpers.tiny_training import tiny_training_batches
 
-    config = load_config(TINY, ["model.freeze_gemma_language=false", "model.dtype=float32"])
-    theworld = model_lib.build_theworld(config.model, init=None, seed=0)
-    extra = model_lib.extra_tokens(theworld)
-    encoder = data_lib.Encoder(theworld.processor, theworld.gemma_config.image_token_id)
-    dataset = data_lib.load_dataset(os.path.join(DATA_DIR, "train.jsonl"), config.data, encoder, extra_tokens=extra)
-    loader = data_lib.Loader(dataset, encoder, model_lib.image_preparer(theworld), extra_tokens=extra, pad_id=0,
-                             num_threads=1)
-    rows = model_lib.with_keep(model_lib.prepare(theworld, loader.batch(np.arange(4), 96)),
-                               model_lib.keep_size(dataset.targets))
+    theworld, _, (rows,) = tiny_training_batches(["model.freeze_gemma_language=false", "model.dtype=float32"],
+                                                 (96,), rows=2)
     return theworld, {k: jnp.asarray(v) for k, v in rows.items()}
 
 

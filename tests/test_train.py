@@ -242,19 +242,10 @@ def test_logits_at_labelled_positions_give_the_full_loss():
     import jax
     from flax import nnx
 
-    from theworld_jax.train import data as data_lib
+    from tests.helpers.tiny_training import tiny_training_batches
     from theworld_jax.train import model as model_lib
-    from theworld_jax.tiny import DATA_DIR
 
-    config = load_config(TINY, ["model.freeze_gemma_language=false"])
-    theworld = model_lib.build_theworld(config.model, init=None, seed=0)
-    extra = model_lib.extra_tokens(theworld)
-    encoder = data_lib.Encoder(theworld.processor, theworld.gemma_config.image_token_id)
-    dataset = data_lib.load_dataset(os.path.join(DATA_DIR, "train.jsonl"), config.data, encoder, extra_tokens=extra)
-    loader = data_lib.Loader(dataset, encoder, model_lib.image_preparer(theworld), extra_tokens=extra, pad_id=0,
-                             num_threads=1)
-    size = model_lib.keep_size(dataset.targets)
-    batch = model_lib.with_keep(model_lib.prepare(theworld, loader.batch(np.arange(3), 96)), size)
+    theworld, size, (batch, longer) = tiny_training_batches(["model.freeze_gemma_language=false"], (96, 128))
     assert 0 < size < batch["input_ids"].shape[1]
     graphdef, state = nnx.split(theworld.model)
     layout = model_lib.attention_layout(theworld)
@@ -272,7 +263,6 @@ def test_logits_at_labelled_positions_give_the_full_loss():
     assert int(count) == int((batch["labels"][:, 1:] != -100).sum())
     np.testing.assert_allclose(float(kept), float(full), rtol=1e-6)
     # Padded to 128 (what GPUs get): the same loss.
-    longer = model_lib.with_keep(model_lib.prepare(theworld, loader.batch(np.arange(3), 128)), size)
     np.testing.assert_allclose(float(losses(state, longer)[0]), float(kept), rtol=1e-6)
 
 
