@@ -108,8 +108,9 @@ def shared_call(module: nnx.Module, *args, method: str = "__call__", remat_polic
     pass with, or None for none."""
     key = (_shared_program, method, remat_policy, tuple(sorted(static.items())))
     name = type(module).__name__
-    bound = _bound(module, key, lambda graphdef, paths: functools.partial(_shared_program, graphdef, paths, name,
-                                                                          *key[1:]))
+    # per bound, one program per options (the shared lookup hashes the graphdef: once, not per call)
+    bound = _bound(module, key, lambda graphdef, paths: functools.cache(
+        functools.partial(_shared_program, graphdef, paths, name, *key[1:])))
     values = bound.values()
     nested = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((values, args)))
     return bound.program(() if nested else _OPTIONS.get())(values, *args)
