@@ -12,7 +12,8 @@ diffusers' default Wan VAE + an mlp world projector. Workloads, B=1:
 - forward_staged: the forward outside jit, as TheWorld.__call__ runs it since the tenth session: each
   stage a program of its own, the decoder's identical layer groups one program.
 The programs get the XLA options the library gives them (theworld_jax.jit.LARGE_PROGRAM_OPTIONS,
-theworld_jax.train.step.COMPILER_OPTIONS, where the tree has them). Each is called once (first call: trace + compile + run; compile times from jax.monitoring), then
+theworld_jax.train.step.COMPILER_OPTIONS, where the tree has them). Each is called once (first call:
+trace + compile + run; compile times from jax.monitoring, with each program's XLA seconds), then
 --warmup more calls and the median of --repeats timed calls (steady state). Then the same script runs
 in a new process with --first-only on the same --cache-dir, now warm. The cache is on in both
 processes (as the command lines have it), so the first process's first calls include writing it.
@@ -287,6 +288,8 @@ def code_kind() -> str:
 
     if hasattr(gemma3_text, "Gemma3LayerStack"):
         return "scan"
+    if hasattr(gemma3_text, "LayerGroup"):
+        return "loop over layer groups, each kind traced once (shared_call)"
     return "loop, each kind of layer traced once (shared_call)" if hasattr(jit, "shared_call") else "loop"
 
 
