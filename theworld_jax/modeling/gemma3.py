@@ -157,7 +157,7 @@ class Gemma3Model(nnx.Module):
                                                   logits_to_keep=logits_to_keep, layout=layout)
         hidden, _ = self.language_model(embeds, positions=position_ids, mask=mask, remat=remat,
                                         implementation=implementation, keep=keep)
-        return shared_call(self.language_model.embed_tokens, hidden, method="attend")
+        return shared_call(self.language_model, hidden, method="logits")
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  pixel_values: jax.Array | None = None, token_type_ids: jax.Array | None = None,

@@ -107,7 +107,7 @@ class TheWorldModel(nnx.Module):
                              keep, method="decoder_inputs", last=None if last is None else int(last), layout=layout)
         hidden, _ = self.language_model(inputs.embeds, positions=inputs.positions, mask=inputs.mask, remat=remat,
                                         implementation=implementation, keep=inputs.keep)
-        logits = shared_call(self.language_model.embed_tokens, hidden, method="attend")
+        logits = shared_call(self.language_model, hidden, method="logits")
         loss = None if labels is None else _loss(logits, inputs.labels, inputs.keep)
         return ForwardOutput(logits=logits, loss=loss, attention_mask=inputs.attention_mask)
 
