@@ -5,7 +5,8 @@ bf16, random weights (drawn leaf by leaf, bench.theworld_speed_gpu.random_model)
 diffusers' default Wan VAE + an mlp world projector. Workloads, B=1:
 - forward: the fused forward with full logits ([BOS, SOW, 4,096 world, EOW, 3 text, BOI, 256 image, EOI,
   40 text] = 4,400 tokens);
-- train: the projector-only training step: value_and_grad of the loss from the logits at the 40
+- train: the launcher's projector-only training step (theworld_jax.train.step.TrainStep, since the eleventh
+  session; before, the same computation written here): value_and_grad of the loss from the logits at the 40
   labelled positions, and an optax AdamW update;
 - prefill: generate's prefill of a 4,400-token text prompt (theworld_jax.generation.start, bucketed);
 - decode: generate's decode loop, 127 more tokens (128 new tokens in all, no eos);
@@ -18,8 +19,8 @@ trace + compile + run; compile times from jax.monitoring, with each program's XL
 in a new process with --first-only on the same --cache-dir, now warm. The cache is on in both
 processes (as the command lines have it), so the first process's first calls include writing it.
 
-Uses only what main at 272c5da already had (the decoder as a Python loop) and later code alike, so
-one device call can measure both: `code` in the report says which decoder ran.
+Runs on any tree since the tenth session's (c5c46e5) alike, so one device call can measure two: `code` in
+the report says which decoder ran.
 
     python -m bench.compile_gpu --cache-dir /tmp/jit-cache --out bench/results/compile_gpu
     python -m bench.compile_gpu --cpu-smoke --cache-dir /tmp/jit-cache-smoke --out /tmp/compile_smoke
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import math
 import os
@@ -134,7 +134,6 @@ def workloads(model, z: dict) -> dict:
     x = {k: jnp.asarray(v, jnp.bfloat16 if v.dtype == np.float32 else jnp.int32) for k, v in x.items()}
     # the XLA options the library gives these programs (none before the tenth session)
     large = getattr(jit, "LARGE_PROGRAM_OPTIONS", {})
-    train_options = getattr(__import__("theworld_jax.train.step").train.step, "COMPILER_OPTIONS", {})
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda s, x: nnx.merge(graphdef, s).forward(**x, layout=layout).logits,
                       compiler_options=large or None)
@@ -143,24 +142,19 @@ def workloads(model, z: dict) -> dict:
         with jit.compiler_options(large):
             return model.forward(**x, layout=layout).logits
 
-    trainable = lambda path, value: "world_projector" in path  # noqa: E731
-    tx = optax.adamw(1e-5)
-    graphdef2, params, frozen = nnx.split(model, trainable, ...)
+    # the launcher's step (theworld_jax.train.step.TrainStep), projector only, on one step's batch (A=1, G=1)
+    from theworld_jax.train import model as model_lib
+    from theworld_jax.train.step import TrainStep
 
-    def loss_fn(params, frozen, x, keep):
-        return nnx.merge(graphdef2, params, frozen).forward(**x, logits_to_keep=keep, layout=layout).loss
-
-    @functools.partial(jax.jit, compiler_options=train_options or None)
-    def step(params, opt_state, frozen, x, keep):
-        loss, grads = jax.value_and_grad(loss_fn)(params, frozen, x, keep)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    carry = [params, tx.init(params)]
+    split = model_lib.split_trainable(model, model_lib.trainable_paths(model, model.config))
+    train_step = TrainStep(split, optax.adamw(1e-5), layout=layout)
+    batch = {k: v[None] for k, v in {**x, "keep": keep}.items()}
+    carry = [split.initial_trainable()]
+    carry.append(jax.jit(train_step.optimizer.init)(carry[0]))
 
     def train():
-        carry[0], carry[1], loss = step(carry[0], carry[1], frozen, x, keep)
-        return loss
+        carry[0], carry[1], metrics = train_step.step(carry[0], carry[1], split.frozen, batch)
+        return metrics["loss"]
 
     ids = np.random.RandomState(1).randint(*z["text"], (1, z["prompt"])).astype(np.int32)
     prompt = Batch(input_ids=ids, attention_mask=np.ones(ids.shape, np.int32))

@@ -128,13 +128,16 @@ def _shared_program(graphdef, paths: tuple, name: str, method: str, remat_policy
 
 
 # XLA options of the programs that run a model over whole sequences (the forward, the prefill, the training
-# step; not the decode loop): GEMMs through cuBLAS, not Triton. On an H200 (bench/results/compile_gpu.md,
-# tenth session) this cut the first call of the fused forward from 27.7 to 17.6 s and of the projector-only
-# training step from 41.8 to 23.6 s (autotuning Triton GEMM configurations was the largest part of XLA's
-# compile), with the same steady state (79.3 / 140.4 ms against 81.2 / 140.3 ms): at thousands of rows the
-# autotuner picked cuBLAS anyway. Decoding keeps Triton, faster at one or two rows. Other backends ignore
-# the option.
-LARGE_PROGRAM_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+# step; not the decode loop), measured on an H200 (bench/results/compile_gpu.md):
+# - GEMMs through cuBLAS, not Triton (tenth session): the fused forward's first call 27.7 -> 17.6 s, the
+#   projector-only training step's 41.8 -> 23.6 s, the same steady state (79.3 / 140.4 against 81.2 / 140.3
+#   ms): at thousands of rows the autotuner had picked cuBLAS anyway. Decoding keeps Triton, faster at one
+#   or two rows.
+# - no fusion autotuner (eleventh session): XLA gives its Triton normalisation and softmax fusions its cost
+#   model's tiles instead of compiling and timing candidates: the training step's first call 35.4 -> 25.5 s,
+#   the staged forward's 15.5 -> 11.5 s, steady state 139.8 / 78.0 against 140.3 / 78.3 ms.
+# Other backends ignore the options.
+LARGE_PROGRAM_OPTIONS = {"xla_gpu_enable_triton_gemm": False, "xla_gpu_experimental_enable_fusion_autotuner": False}
 
 _OPTIONS: contextvars.ContextVar[tuple] = contextvars.ContextVar("theworld_jax_compiler_options", default=())
 

@@ -97,35 +97,41 @@ class Gemma3Model(nnx.Module):
             raise ValueError("pixel_values were given, but this is a text-only Gemma 3 (no vision_config)")
         return self.multi_modal_projector(self.vision_tower(pixel_values))
 
-    def embed_inputs(self, input_ids: jax.Array, pixel_values: jax.Array | None = None) -> jax.Array:
-        """(B, L) ids (+ images) -> (B, L, D): scaled text embeddings, image features at the placeholders."""
+    def embed_inputs(self, input_ids: jax.Array, pixel_values: jax.Array | None = None, *,
+                     image_features: jax.Array | None = None) -> jax.Array:
+        """(B, L) ids (+ images) -> (B, L, D): scaled text embeddings, image features at the placeholders.
+
+        image_features: `image_features(pixel_values)` computed apart (N_img, mm_tokens_per_image, D); given,
+        pixel_values are not read."""
         cfg = self.config
         is_image = input_ids == cfg.image_token_id
         if cfg.image_token_id >= cfg.text.vocab_size:  # out of the embedding: embed pad, overwritten below
             input_ids = jnp.where(is_image, cfg.text.pad_token_id, input_ids)
         embeds = self.language_model.embed(input_ids)
-        if pixel_values is None:
+        if pixel_values is None and image_features is None:
             return embeds
-        if self.vision_tower is None:
-            raise ValueError("pixel_values were given, but this is a text-only Gemma 3 (no vision_config)")
-        self.vision_tower.check_pixels(pixel_values)
-        n_features = pixel_values.shape[0] * cfg.mm_tokens_per_image
+        if image_features is None:
+            if self.vision_tower is None:
+                raise ValueError("pixel_values were given, but this is a text-only Gemma 3 (no vision_config)")
+            self.vision_tower.check_pixels(pixel_values)
+        n_images = (pixel_values if image_features is None else image_features).shape[0]
+        n_features = n_images * cfg.mm_tokens_per_image
         if _is_concrete(input_ids):
             n_tokens = int(np.asarray(is_image).sum())
             if n_tokens != n_features:
                 raise ValueError(
-                    f"input_ids hold {n_tokens} image tokens (id {cfg.image_token_id}) but {pixel_values.shape[0]} "
+                    f"input_ids hold {n_tokens} image tokens (id {cfg.image_token_id}) but {n_images} "
                     f"image(s) give {n_features} features ({cfg.mm_tokens_per_image} per image); they must match")
-        features = self.image_features(pixel_values).astype(embeds.dtype)
-        return self.place_features(embeds, is_image, features)
+        features = self.image_features(pixel_values) if image_features is None else image_features
+        return self.place_features(embeds, is_image, features.astype(embeds.dtype))
 
     def lm_inputs(self, input_ids, attention_mask, *, pixel_values=None, token_type_ids=None, labels=None,
-                  video=None) -> FusedBatch:
+                  video=None, image_features=None) -> FusedBatch:
         """The decoder's inputs (B, L): embeddings with image features, positions from the mask."""
         if video is not None:
             raise ValueError("a video was given, but a Gemma 3 model has no world branch")
-        return FusedBatch(self.embed_inputs(input_ids, pixel_values), attention_mask, token_type_ids, labels,
-                          positions_from_mask(attention_mask))
+        return FusedBatch(self.embed_inputs(input_ids, pixel_values, image_features=image_features), attention_mask,
+                          token_type_ids, labels, positions_from_mask(attention_mask))
 
     @staticmethod
     def place_features(embeds: jax.Array, where: jax.Array, features: jax.Array) -> jax.Array:

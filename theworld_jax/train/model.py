@@ -144,18 +144,19 @@ def split_trainable(model: nnx.Module, paths: set[str]) -> SplitModel:
     return SplitModel(graphdef, template, tuple(path for path, _ in flat), tuple(v.get_value() for _, v in flat))
 
 
-def loss_terms(model: nnx.Module, batch: dict, *, layout, remat: str) -> tuple[jax.Array, jax.Array]:
+def loss_terms(model: nnx.Module, batch: dict, *, layout, remat: str, media=None) -> tuple[jax.Array, jax.Array]:
     """(summed cross-entropy over target tokens, number of target tokens) of one micro-batch, from the
     logits of the labelled positions only.
 
     batch: input_ids / attention_mask / token_type_ids / labels (B, L) with the world markers already in
     the ids, keep (B, K) the labelled positions (`with_keep`), pixel_values (B, C, S, S) and video
     (B, 1, H, W, 3) when the rows have images. The markers and world tokens are never targets, so
-    labels[p + 1] of the ids' position p is the target of the fused position p maps to.
+    labels[p + 1] of the ids' position p is the target of the fused position p maps to. media: the
+    encoders' outputs computed apart (TheWorldModel.encode_media), which pixel_values and video then are not.
     """
     out = model.forward(batch["input_ids"], batch["attention_mask"], pixel_values=batch.get("pixel_values"),
                         token_type_ids=batch.get("token_type_ids"), video=batch.get("video"),
-                        logits_to_keep=batch["keep"], layout=layout, remat=remat)
+                        logits_to_keep=batch["keep"], layout=layout, remat=remat, media=media)
     return causal_lm_loss_terms_at(out.logits, batch["labels"], batch["keep"])
 
 

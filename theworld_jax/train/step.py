@@ -9,12 +9,18 @@ optimizer state; the frozen ones are an argument, not a constant.
 
 from __future__ import annotations
 
+import re
+from concurrent.futures import ThreadPoolExecutor
+
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from theworld_jax.jit import LARGE_PROGRAM_OPTIONS
 from theworld_jax.train import model as model_lib
+from theworld_jax.weights.loader import param_path
 
 
 def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
@@ -49,10 +55,20 @@ def make_optimizer(opt_cfg, total_steps: int, params: dict[str, jax.Array]) -> o
 COMPILER_OPTIONS = dict(LARGE_PROGRAM_OPTIONS)
 
 
+# The frozen encoders: SigLIP with Gemma's projector, and the VAE encoder (TheWorldModel.encode_media).
+ENCODERS = re.compile(r"^(gemma\.(vision_tower|multi_modal_projector)|vae)\.")
+MEDIA_KEYS = ("pixel_values", "video")
+
+
 class TrainStep:
-    """`step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics)`, jitted once per
-    batch shape; `compiles` counts the traces. `layout`: the fast attention path's static bound
-    (model.attention_layout); `remat`: the decoder's remat policy name."""
+    """`step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics)`, compiled once per
+    batch shape; `compiles` counts the update's traces. `layout`: the fast attention path's static bound
+    (model.attention_layout); `remat`: the decoder's remat policy name.
+
+    When no encoder parameter trains (`encode_apart`), a step is two programs: the encoders over the
+    batch's images and video (no gradients flow there), then the update (the world projector, the decoder
+    forward and backward, the optimizer) on their outputs. On a new batch shape both are compiled at once,
+    each on its own thread, so that XLA's single-threaded passes over the two overlap."""
 
     def __init__(self, split: model_lib.SplitModel, optimizer: optax.GradientTransformation, *, layout=None,
                  remat: str = "none"):
@@ -61,25 +77,66 @@ class TrainStep:
         self.layout = layout
         self.remat = remat
         self.compiles = 0
-        self.step = jax.jit(self._step, donate_argnums=(0, 1), compiler_options=COMPILER_OPTIONS)
+        trained = [param_path(path) for path, _ in nnx.to_flat_state(split.template)]
+        self.encode_apart = not any(ENCODERS.match(path) for path in trained)
+        self._update = jax.jit(self._step, donate_argnums=(0, 1), compiler_options=COMPILER_OPTIONS)
+        self._encoders = {}  # per output sharding: the encoders' program
+        self._compiled = set()  # batch signatures whose two programs were compiled together
         self.eval = jax.jit(self._eval, compiler_options=COMPILER_OPTIONS)
 
-    def _micro_loss(self, trainable, frozen, micro):
-        model = self.split.merge(trainable, frozen)
-        return model_lib.loss_terms(model, micro, layout=self.layout, remat=self.remat)
+    def step(self, trainable, opt_state, frozen, batch):
+        """One optimizer step on `batch` (A, G, ...): A accumulation micro-batches of G rows."""
+        inputs = {k: batch[k] for k in MEDIA_KEYS if k in batch}
+        if not self.encode_apart or not inputs:
+            return self._update(trainable, opt_state, frozen, batch, None)
+        rest = {k: v for k, v in batch.items() if k not in MEDIA_KEYS}
+        sharding = _media_sharding(next(iter(inputs.values())))
+        encode = self._encoder(sharding)
+        signature = _signature(batch)
+        if sharding is not None and signature not in self._compiled:
+            self._compile_together(encode, sharding, trainable, opt_state, frozen, rest, inputs)
+            self._compiled.add(signature)
+        return self._update(trainable, opt_state, frozen, rest, encode(trainable, frozen, inputs))
 
-    def _step(self, trainable, opt_state, frozen, batch):
+    def _encoder(self, sharding):
+        if sharding not in self._encoders:
+            self._encoders[sharding] = jax.jit(self._encode, out_shardings=sharding, compiler_options=COMPILER_OPTIONS)
+        return self._encoders[sharding]
+
+    def _compile_together(self, encode, sharding, trainable, opt_state, frozen, rest, inputs):
+        """Compile the encoders' program on a thread while the update is traced and compiled here (the
+        calls that follow find both compiled)."""
+        lowered = encode.lower(trainable, frozen, inputs)
+        media = jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=sharding), lowered.out_info)
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(lowered.compile)
+            self._update.lower(trainable, opt_state, frozen, rest, media).compile()
+            pending.result()
+
+    def _encode(self, trainable, frozen, inputs):
+        """The encoders' outputs (model.Media) of each micro-batch, stacked (A, ...)."""
+        def encode(micro):
+            model = self.split.merge(trainable, frozen)
+            return model.encode_media(micro.get("pixel_values"), micro.get("video"))
+
+        return jax.lax.map(encode, inputs)
+
+    def _micro_loss(self, trainable, frozen, micro, media=None):
+        model = self.split.merge(trainable, frozen)
+        return model_lib.loss_terms(model, micro, layout=self.layout, remat=self.remat, media=media)
+
+    def _step(self, trainable, opt_state, frozen, batch, media):
         self.compiles += 1
         grad_fn = jax.value_and_grad(self._micro_loss, has_aux=True)
 
-        def accumulate(carry, micro):
+        def accumulate(carry, xs):
             grads, total, count = carry
-            (t, c), g = grad_fn(trainable, frozen, micro)
+            (t, c), g = grad_fn(trainable, frozen, *xs)
             return (jax.tree.map(jnp.add, grads, g), total + t, count + c), None
 
         zeros = jax.tree.map(jnp.zeros_like, trainable)
         init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-        (grads, total, count), _ = jax.lax.scan(accumulate, init, batch)
+        (grads, total, count), _ = jax.lax.scan(accumulate, init, (batch, media))
         denom = jnp.maximum(count, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = self.optimizer.update(grads, opt_state, trainable)
@@ -90,3 +147,15 @@ class TrainStep:
     def _eval(self, trainable, frozen, batch):
         return self._micro_loss(trainable, frozen, batch)
 
+
+def _media_sharding(x):
+    """Where the encoders' outputs (A, G, ...) go: along the batch's first two axes as `x` (A, G, ...) lies;
+    None for host arrays (the programs then compile one after the other, as they are called)."""
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[:2]))
+    return sharding
+
+
+def _signature(batch: dict) -> tuple:
+    return tuple((k, v.shape, str(v.dtype), getattr(v, "sharding", None)) for k, v in sorted(batch.items()))

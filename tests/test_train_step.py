@@ -1,0 +1,104 @@
+"""The training step: the frozen encoders as a program of their own, compiled beside the update."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+
+@pytest.fixture(scope="module")
+def frozen_encoders():
+    """A float32 tiny TheWorld on a one-device mesh, split for training (configs/tiny.yaml: the world projector
+    and the language model; SigLIP and the VAE frozen), and one step's batch
+    (A=1, G=2), placed as the launcher places them."""
+    from tests.helpers.tiny_training import tiny_training_batches
+    from theworld_jax import sharding
+    from theworld_jax.train import model as model_lib
+    from theworld_jax.train.loop import to_global
+
+    theworld, _, (rows,) = tiny_training_batches(["model.dtype=float32"], (96,), rows=2)
+    mesh = sharding.make_mesh(1, 1)
+    theworld.model = sharding.shard_module(theworld.model, mesh)
+    split = model_lib.split_trainable(theworld.model, model_lib.trainable_paths(theworld.model, theworld.config))
+    return theworld, split, to_global(mesh, {k: v[None] for k, v in rows.items()})
+
+
+def _compiled_programs():
+    """A list that collects the names of the programs XLA compiles from now on."""
+    names = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            names.append(kwargs.get("fun_name", "?"))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    return names
+
+
+def _one_step(theworld, split, batch, *, encode_apart: bool):
+    from theworld_jax.train import model as model_lib
+    from theworld_jax.train.step import TrainStep
+
+    step = TrainStep(split, optax.adamw(1e-2), layout=model_lib.attention_layout(theworld))
+    assert step.encode_apart  # SigLIP, Gemma's projector and the VAE are frozen
+    step.encode_apart = encode_apart
+    trainable = jax.tree.map(jnp.copy, split.initial_trainable())  # float32 already: the step donates it
+    mesh = jax.tree.leaves(batch)[0].sharding.mesh
+    opt_state = jax.device_put(jax.jit(step.optimizer.init)(trainable), NamedSharding(mesh, PartitionSpec()))
+    return step, step.step(trainable, opt_state, split.frozen, batch)
+
+
+def test_encoders_apart_give_the_one_program_step(frozen_encoders):
+    """The step as two programs (encoders, then the update) against the whole step as one program: the
+    same updated parameters and metrics, in float32."""
+    theworld, split, batch = frozen_encoders
+    _, (apart, _, apart_metrics) = _one_step(theworld, split, batch, encode_apart=True)
+    _, (whole, _, whole_metrics) = _one_step(theworld, split, batch, encode_apart=False)
+    assert apart.keys() == whole.keys()
+    for key in whole:
+        np.testing.assert_allclose(np.asarray(apart[key]), np.asarray(whole[key]), rtol=1e-5, atol=1e-6,
+                                   err_msg=key)
+    for key in whole_metrics:
+        np.testing.assert_allclose(np.asarray(apart_metrics[key]), np.asarray(whole_metrics[key]), rtol=1e-5)
+
+
+def test_both_programs_compile_on_the_first_step_only(frozen_encoders):
+    """The first step compiles the encoders' program and the update's (together); the next step of the same
+    shape compiles nothing and traces the update no more."""
+    theworld, split, batch = frozen_encoders
+    compiled = _compiled_programs()
+    step, (trainable, opt_state, _) = _one_step(theworld, split, batch, encode_apart=True)
+    assert "jit(_encode)" in compiled and "jit(_step)" in compiled, compiled
+    compiled.clear()
+    trainable, opt_state, metrics = step.step(trainable, opt_state, split.frozen, batch)
+    jax.block_until_ready(metrics)
+    assert compiled == [] and step.compiles == 1
+
+
+def test_a_trained_encoder_keeps_the_step_one_program():
+    """With SigLIP trained (freeze_gemma_vision=false) the encoders are part of the differentiated program."""
+    from tests.helpers.tiny_training import tiny_training_batches
+    from theworld_jax.train import model as model_lib
+    from theworld_jax.train.step import TrainStep
+
+    theworld, _, _ = tiny_training_batches(["model.freeze_gemma_vision=false"], (96,), rows=1)
+    split = model_lib.split_trainable(theworld.model, model_lib.trainable_paths(theworld.model, theworld.config))
+    assert not TrainStep(split, optax.adamw(1e-2)).encode_apart
+
+
+def test_forward_with_media_equals_forward_from_pixels(frozen_encoders):
+    """TheWorldModel.forward(media=encode_media(...)) gives the logits of the forward from pixels and video."""
+    theworld, _, batch = frozen_encoders
+    rows = {k: jnp.asarray(v[0]) for k, v in batch.items()}
+    model = theworld.model
+    common = dict(token_type_ids=rows["token_type_ids"], labels=rows["labels"])
+    direct = model.forward(rows["input_ids"], rows["attention_mask"], pixel_values=rows["pixel_values"],
+                           video=rows["video"], **common)
+    media = model.encode_media(rows["pixel_values"], rows["video"])
+    encoded = model.forward(rows["input_ids"], rows["attention_mask"], media=media, **common)
+    np.testing.assert_allclose(np.asarray(encoded.logits), np.asarray(direct.logits), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(encoded.loss), float(direct.loss), rtol=1e-6)
