@@ -13,7 +13,8 @@ diffusers' default Wan VAE + an mlp world projector. Workloads, B=1:
 - forward_staged: the forward outside jit, as TheWorld.__call__ runs it since the tenth session: each
   stage a program of its own, the decoder's identical layer groups one program.
 The programs get the XLA options the library gives them (theworld_jax.jit.LARGE_PROGRAM_OPTIONS,
-theworld_jax.train.step.COMPILER_OPTIONS, where the tree has them). Each is called once (first call:
+theworld_jax.train.step.COMPILER_OPTIONS, and the command lines' theworld_jax.jit.PROCESS_XLA_FLAGS, where
+the tree has them). Each is called once (first call:
 trace + compile + run; compile times from jax.monitoring, with each program's XLA seconds), then
 --warmup more calls and the median of --repeats timed calls (steady state). Then the same script runs
 in a new process with --first-only on the same --cache-dir, now warm. The cache is on in both
@@ -43,6 +44,12 @@ import traceback
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+try:  # the command lines' process-wide XLA flags (since the eleventh session), before JAX starts a backend
+    from theworld_jax.jit import set_process_xla_flags
+except ImportError:
+    pass
+else:
+    set_process_xla_flags()
 
 import numpy as np  # noqa: E402
 

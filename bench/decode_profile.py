@@ -24,6 +24,10 @@ import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+from theworld_jax.jit import set_process_xla_flags  # noqa: E402
+
+set_process_xla_flags()  # as the command lines run, before JAX starts a backend
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

@@ -173,7 +173,10 @@ def train(args):
     s = lambda *shape, dtype=jnp.int32: jax.ShapeDtypeStruct(rows + shape, dtype)  # noqa: E731
     batch = dict(input_ids=s(ids), attention_mask=s(ids), token_type_ids=s(ids), labels=s(ids), keep=s(24),
                  pixel_values=s(3, image, image, dtype=jnp.bfloat16), video=s(1, 512, 512, 3, dtype=jnp.float32))
-    return step.step, (trainable, jax.eval_shape(optimizer.init, trainable), split.frozen, batch)
+    # the update's program (TrainStep.lower's last; the frozen encoders are a program of their own since the
+    # eleventh session)
+    update = types.SimpleNamespace(lower=lambda *arguments: step.lower(*arguments)[-1])
+    return update, (trainable, jax.eval_shape(optimizer.init, trainable), split.frozen, batch)
 
 
 def choose(args):

@@ -28,17 +28,31 @@ def test_persistent_compilation_cache_serves_a_second_process(tmp_path):
     assert hits[0] == 0 and hits[1] >= 1, hits  # every program of the first process, the matmul's included
 
 
-def test_an_unusable_cache_dir_is_a_warning_and_no_cache_flag_leaves_jax_alone(tmp_path, capsys):
+def test_an_unusable_cache_dir_is_a_warning_and_no_cache_flag_leaves_jax_alone(tmp_path, capsys, monkeypatch):
     import jax
 
     from theworld_jax import cli
 
+    monkeypatch.setenv("XLA_FLAGS", "")
     parser = cli.Parser(prog="x")
     cli.add_compile_cache(parser)
     before = jax.config.jax_compilation_cache_dir
     blocker = tmp_path / "file"
     blocker.write_text("")
-    cli.use_compile_cache(parser.parse_args(["--compile-cache", str(blocker / "cache")]))
+    cli.prepare_jax(parser.parse_args(["--compile-cache", str(blocker / "cache")]))
     assert "warning: no persistent compilation cache" in capsys.readouterr().err
-    cli.use_compile_cache(parser.parse_args(["--no-compile-cache"]))
+    cli.prepare_jax(parser.parse_args(["--no-compile-cache"]))
     assert jax.config.jax_compilation_cache_dir == before
+
+
+def test_process_xla_flags_are_added_and_the_users_win(monkeypatch):
+    from theworld_jax.jit import PROCESS_XLA_FLAGS, set_process_xla_flags
+
+    name = PROCESS_XLA_FLAGS[0].split("=")[0]
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    assert set_process_xla_flags().split() == ["--xla_dump_to=/tmp/x", *PROCESS_XLA_FLAGS]
+    assert set_process_xla_flags().split() == ["--xla_dump_to=/tmp/x", *PROCESS_XLA_FLAGS]  # once
+    monkeypatch.setenv("XLA_FLAGS", f"{name}=true")
+    assert set_process_xla_flags() == f"{name}=true"
+    monkeypatch.delenv("XLA_FLAGS")
+    assert set_process_xla_flags() == " ".join(PROCESS_XLA_FLAGS)

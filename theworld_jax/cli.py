@@ -37,7 +37,7 @@ def add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def add_compile_cache(parser: argparse.ArgumentParser) -> None:
-    """--compile-cache DIR / --no-compile-cache; `use_compile_cache(args)` applies them."""
+    """--compile-cache DIR / --no-compile-cache; `prepare_jax(args)` applies them."""
     parser.add_argument("--compile-cache", metavar="DIR",
                         help="JAX's persistent compilation cache: a later launch with the same shapes loads its "
                              "programs instead of compiling them (default: $XDG_CACHE_HOME/theworld_jax/jax, "
@@ -46,8 +46,12 @@ def add_compile_cache(parser: argparse.ArgumentParser) -> None:
                         help="neither read nor write the persistent compilation cache")
 
 
-def use_compile_cache(args: argparse.Namespace) -> None:
-    """Turn on the persistent compilation cache unless --no-compile-cache (for parsers that have the flags)."""
+def prepare_jax(args: argparse.Namespace) -> None:
+    """Before JAX starts: the process's XLA flags (theworld_jax.jit.PROCESS_XLA_FLAGS), and the persistent
+    compilation cache unless --no-compile-cache (for parsers that have the flags)."""
+    from theworld_jax.jit import set_process_xla_flags
+
+    set_process_xla_flags()
     if hasattr(args, "no_compile_cache") and not args.no_compile_cache:
         from theworld_jax.jit import enable_compilation_cache
 
@@ -71,7 +75,7 @@ def run(parser: argparse.ArgumentParser, work: Callable[[argparse.Namespace], in
     """Parse `argv`, then `work(args)`; errors print one line and give exit status 1 (Ctrl-C: 130)."""
     args = parser.parse_args(argv)
     progress.set_quiet(bool(getattr(args, "quiet", False)))
-    use_compile_cache(args)
+    prepare_jax(args)
     if getattr(args, "debug", False):
         return work(args)
     try:

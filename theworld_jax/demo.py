@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.model is None) != (args.cosmos is None):
         p.error("--model and --cosmos go together (the real Gemma 3 and the real Cosmos VAE)")
-    cli.use_compile_cache(args)
+    cli.prepare_jax(args)
     return args
 
 

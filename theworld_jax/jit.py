@@ -16,6 +16,7 @@ compiler_options=)`; `with compiler_options(...)` for the programs shared_call r
 
 `enable_compilation_cache()` turns on JAX's persistent compilation cache (the command lines do, unless
 --no-compile-cache): a second launch with the same shapes loads its programs instead of compiling them.
+`set_process_xla_flags()` adds the XLA flags that only work process-wide (the command lines do).
 """
 
 from __future__ import annotations
@@ -139,6 +140,11 @@ def _shared_program(graphdef, paths: tuple, name: str, method: str, remat_policy
 # Other backends ignore the options.
 LARGE_PROGRAM_OPTIONS = {"xla_gpu_enable_triton_gemm": False, "xla_gpu_experimental_enable_fusion_autotuner": False}
 
+# XLA flags that take effect only for the whole process: on an H200 the fusion autotuner's switch as a
+# program's option left the training step's update at 23.4 s of XLA compile, as $XLA_FLAGS at 17.3 s
+# (the card still ran the autotuner's pass; bench/results/compile_gpu.md, eleventh session).
+PROCESS_XLA_FLAGS = ("--xla_gpu_experimental_enable_fusion_autotuner=false",)
+
 _OPTIONS: contextvars.ContextVar[tuple] = contextvars.ContextVar("theworld_jax_compiler_options", default=())
 
 
@@ -175,3 +181,13 @@ def enable_compilation_cache(path: str | None = None) -> str:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     return path
+
+
+def set_process_xla_flags(flags: tuple[str, ...] = PROCESS_XLA_FLAGS) -> str:
+    """Add `flags` to $XLA_FLAGS, each unless $XLA_FLAGS names it already (the user's setting wins). XLA
+    reads them when JAX first starts a backend: call this before anything touches a device. Returns the
+    new $XLA_FLAGS."""
+    current = os.environ.get("XLA_FLAGS", "").split()
+    named = {flag.split("=", 1)[0] for flag in current}
+    os.environ["XLA_FLAGS"] = " ".join(current + [f for f in flags if f.split("=", 1)[0] not in named])
+    return os.environ["XLA_FLAGS"]

@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mesh", help="DATA,FSDP,TENSOR: place the model on a mesh of all devices (one may be -1)")
     cli.add_common(p)
     args = p.parse_args(argv)
-    cli.use_compile_cache(args)
+    cli.prepare_jax(args)
     return args
 
 

@@ -86,32 +86,39 @@ class TrainStep:
 
     def step(self, trainable, opt_state, frozen, batch):
         """One optimizer step on `batch` (A, G, ...): A accumulation micro-batches of G rows."""
-        inputs = {k: batch[k] for k in MEDIA_KEYS if k in batch}
+        inputs, rest = _split_media(batch)
         if not self.encode_apart or not inputs:
             return self._update(trainable, opt_state, frozen, batch, None)
-        rest = {k: v for k, v in batch.items() if k not in MEDIA_KEYS}
         sharding = _media_sharding(next(iter(inputs.values())))
-        encode = self._encoder(sharding)
         signature = _signature(batch)
         if sharding is not None and signature not in self._compiled:
-            self._compile_together(encode, sharding, trainable, opt_state, frozen, rest, inputs)
+            self.compile(trainable, opt_state, frozen, batch)
             self._compiled.add(signature)
-        return self._update(trainable, opt_state, frozen, rest, encode(trainable, frozen, inputs))
+        media = self._encoder(sharding)(trainable, frozen, inputs)
+        return self._update(trainable, opt_state, frozen, rest, media)
+
+    def lower(self, trainable, opt_state, frozen, batch) -> list[jax.stages.Lowered]:
+        """The step's programs for these arguments (arrays, or ShapeDtypeStructs with their shardings),
+        lowered: [the update], or [the encoders, the update] when they run apart."""
+        inputs, rest = _split_media(batch)
+        if not self.encode_apart or not inputs:
+            return [self._update.lower(trainable, opt_state, frozen, batch, None)]
+        sharding = _media_sharding(next(iter(inputs.values())))
+        encode = self._encoder(sharding).lower(trainable, frozen, inputs)
+        media = jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=sharding), encode.out_info)
+        return [encode, self._update.lower(trainable, opt_state, frozen, rest, media)]
+
+    def compile(self, trainable, opt_state, frozen, batch) -> list[jax.stages.Compiled]:
+        """`lower`'s programs compiled at once, each on its own thread (XLA's single-threaded passes over
+        the two overlap); the calls that follow with such arguments find them compiled."""
+        lowered = self.lower(trainable, opt_state, frozen, batch)
+        with ThreadPoolExecutor(len(lowered)) as pool:
+            return list(pool.map(lambda program: program.compile(), lowered))
 
     def _encoder(self, sharding):
         if sharding not in self._encoders:
             self._encoders[sharding] = jax.jit(self._encode, out_shardings=sharding, compiler_options=COMPILER_OPTIONS)
         return self._encoders[sharding]
-
-    def _compile_together(self, encode, sharding, trainable, opt_state, frozen, rest, inputs):
-        """Compile the encoders' program on a thread while the update is traced and compiled here (the
-        calls that follow find both compiled)."""
-        lowered = encode.lower(trainable, frozen, inputs)
-        media = jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=sharding), lowered.out_info)
-        with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(lowered.compile)
-            self._update.lower(trainable, opt_state, frozen, rest, media).compile()
-            pending.result()
 
     def _encode(self, trainable, frozen, inputs):
         """The encoders' outputs (model.Media) of each micro-batch, stacked (A, ...)."""
@@ -146,6 +153,11 @@ class TrainStep:
 
     def _eval(self, trainable, frozen, batch):
         return self._micro_loss(trainable, frozen, batch)
+
+
+def _split_media(batch: dict) -> tuple[dict, dict]:
+    """(the encoders' inputs, the rest) of a batch."""
+    return ({k: v for k, v in batch.items() if k in MEDIA_KEYS}, {k: v for k, v in batch.items() if k not in MEDIA_KEYS})
 
 
 def _media_sharding(x):
