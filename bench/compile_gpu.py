@@ -153,11 +153,18 @@ def workloads(model, z: dict) -> dict:
     from theworld_jax.train import model as model_lib
     from theworld_jax.train.step import TrainStep
 
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from theworld_jax.sharding import make_mesh
+    from theworld_jax.train.loop import to_global
+
     split = model_lib.split_trainable(model, model_lib.trainable_paths(model, model.config))
     train_step = TrainStep(split, optax.adamw(1e-5), layout=layout)
-    batch = {k: v[None] for k, v in {**x, "keep": keep}.items()}
-    carry = [split.initial_trainable()]
-    carry.append(jax.jit(train_step.optimizer.init)(carry[0]))
+    mesh = make_mesh(1, 1)  # the batch and the trained parameters on the launcher's one-device mesh
+    batch = to_global(mesh, {k: np.asarray(v)[None] for k, v in {**x, "keep": keep}.items()})
+    replicated = NamedSharding(mesh, PartitionSpec())
+    carry = [jax.device_put(split.initial_trainable(), replicated)]
+    carry.append(jax.device_put(jax.jit(train_step.optimizer.init)(carry[0]), replicated))
 
     def train():
         carry[0], carry[1], metrics = train_step.step(carry[0], carry[1], split.frozen, batch)

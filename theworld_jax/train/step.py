@@ -117,7 +117,8 @@ class TrainStep:
 
     def _encoder(self, sharding):
         if sharding not in self._encoders:
-            self._encoders[sharding] = jax.jit(self._encode, out_shardings=sharding, compiler_options=COMPILER_OPTIONS)
+            placement = {} if sharding is None else {"out_shardings": sharding}
+            self._encoders[sharding] = jax.jit(self._encode, compiler_options=COMPILER_OPTIONS, **placement)
         return self._encoders[sharding]
 
     def _encode(self, trainable, frozen, inputs):
@@ -161,12 +162,14 @@ def _split_media(batch: dict) -> tuple[dict, dict]:
 
 
 def _media_sharding(x):
-    """Where the encoders' outputs (A, G, ...) go: along the batch's first two axes as `x` (A, G, ...) lies;
-    None for host arrays (the programs then compile one after the other, as they are called)."""
+    """Where the encoders' outputs (A, G, ...) go: along the batch's first two axes as `x` (A, G, ...) lies on
+    its mesh (the launcher's batches). None for arrays off a mesh: the two programs then compile one after
+    the other as they are called (compiled ahead, the update's arguments, uncommitted on the first step and
+    committed after it, would compile it a second time)."""
     sharding = getattr(x, "sharding", None)
     if isinstance(sharding, NamedSharding):
         return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[:2]))
-    return sharding
+    return None
 
 
 def _signature(batch: dict) -> tuple:
