@@ -90,15 +90,22 @@ def test_a_trained_encoder_keeps_the_step_one_program():
     assert not TrainStep(split, optax.adamw(1e-2)).encode_apart
 
 
-def test_forward_with_media_equals_forward_from_pixels(frozen_encoders):
-    """TheWorldModel.forward(media=encode_media(...)) gives the logits of the forward from pixels and video."""
-    theworld, _, batch = frozen_encoders
-    rows = {k: jnp.asarray(v[0]) for k, v in batch.items()}
+@pytest.mark.parametrize("world_attention", ["causal", "bidirectional"])
+def test_forward_with_media_equals_forward_from_pixels(world_attention):
+    """TheWorldModel.forward(media=encode_media(...)) without pixels or video gives the logits and loss of the
+    forward from them (with bidirectional world attention its layout counts the world tokens from the
+    latents)."""
+    from tests.helpers.tiny_training import tiny_training_batches
+
+    theworld, _, (rows,) = tiny_training_batches([f"model.world_attention={world_attention}", "model.dtype=float32"],
+                                                 (96,), rows=2)
+    rows = {k: jnp.asarray(v) for k, v in rows.items()}
     model = theworld.model
     common = dict(token_type_ids=rows["token_type_ids"], labels=rows["labels"])
     direct = model.forward(rows["input_ids"], rows["attention_mask"], pixel_values=rows["pixel_values"],
                            video=rows["video"], **common)
     media = model.encode_media(rows["pixel_values"], rows["video"])
+    assert model._world_token_count(None, media) == model._world_token_count(rows["video"], None) > 0
     encoded = model.forward(rows["input_ids"], rows["attention_mask"], media=media, **common)
     np.testing.assert_allclose(np.asarray(encoded.logits), np.asarray(direct.logits), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(float(encoded.loss), float(direct.loss), rtol=1e-6)
