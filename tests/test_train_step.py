@@ -79,6 +79,24 @@ def test_both_programs_compile_on_the_first_step_only(frozen_encoders):
     assert compiled == [] and step.compiles == 1
 
 
+def test_evaluate_runs_the_steps_encoders(frozen_encoders):
+    """The evaluation (no gradients) with the encoders apart equals it as one program, and after a step of
+    the same image shapes it compiles only its own program (the encoders' is the step's)."""
+    from theworld_jax.train import model as model_lib
+    from theworld_jax.train.step import TrainStep
+
+    theworld, split, batch = frozen_encoders
+    step, (trainable, _, _) = _one_step(theworld, split, batch, encode_apart=True)
+    compiled = _compiled_programs()
+    apart = step.evaluate(trainable, split.frozen, batch)
+    assert compiled == ["jit(_eval_terms)"], compiled
+    whole = TrainStep(split, optax.adamw(1e-2), layout=model_lib.attention_layout(theworld))
+    whole.encode_apart = False
+    expected = whole.evaluate(trainable, split.frozen, batch)
+    np.testing.assert_allclose(float(apart[0]), float(expected[0]), rtol=1e-5)
+    assert int(apart[1]) == int(expected[1]) > 0
+
+
 def test_a_trained_encoder_keeps_the_step_one_program():
     """With SigLIP trained (freeze_gemma_vision=false) the encoders are part of the differentiated program."""
     from tests.helpers.tiny_training import tiny_training_batches

@@ -155,7 +155,7 @@ def evaluate(run: Run, trainable, eval_set: data_lib.Dataset, encoder_loader: da
         mine = padded[jax.process_index() * share:(jax.process_index() + 1) * share]
         flat = model_lib.with_keep(model_lib.prepare(run.theworld, encoder_loader.batch(mine, length)), keep)
         batch = to_global(run.mesh, {k: v[None] for k, v in flat.items()})
-        t, c = run.train_step.eval(trainable, run.split.frozen, {k: v[0] for k, v in batch.items()})
+        t, c = run.train_step.evaluate(trainable, run.split.frozen, batch)
         total, count = total + float(t), count + int(c)
     return total / max(count, 1)
 

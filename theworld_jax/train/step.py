@@ -82,7 +82,7 @@ class TrainStep:
         self._update = jax.jit(self._step, donate_argnums=(0, 1), compiler_options=COMPILER_OPTIONS)
         self._encoders = {}  # per output sharding: the encoders' program
         self._compiled = set()  # batch signatures whose two programs were compiled together
-        self.eval = jax.jit(self._eval, compiler_options=COMPILER_OPTIONS)
+        self._eval = jax.jit(self._eval_terms, compiler_options=COMPILER_OPTIONS)
 
     def step(self, trainable, opt_state, frozen, batch):
         """One optimizer step on `batch` (A, G, ...): A accumulation micro-batches of G rows."""
@@ -96,6 +96,15 @@ class TrainStep:
             self._compiled.add(signature)
         media = self._encoder(sharding)(trainable, frozen, inputs)
         return self._update(trainable, opt_state, frozen, rest, media)
+
+    def evaluate(self, trainable, frozen, batch) -> tuple[jax.Array, jax.Array]:
+        """(summed token cross-entropy, target tokens) over `batch` (A, G, ...), without gradients; the
+        encoders run apart as in `step` (their program is the step's when the image shapes match)."""
+        inputs, rest = _split_media(batch)
+        if not self.encode_apart or not inputs:
+            return self._eval(trainable, frozen, batch, None)
+        media = self._encoder(_media_sharding(next(iter(inputs.values()))))(trainable, frozen, inputs)
+        return self._eval(trainable, frozen, rest, media)
 
     def lower(self, trainable, opt_state, frozen, batch) -> list[jax.stages.Lowered]:
         """The step's programs for these arguments (arrays, or ShapeDtypeStructs with their shardings),
@@ -152,8 +161,13 @@ class TrainStep:
         metrics = {"loss": total / denom, "target_tokens": count, "grad_norm": optax.tree.norm(grads)}
         return trainable, opt_state, metrics
 
-    def _eval(self, trainable, frozen, batch):
-        return self._micro_loss(trainable, frozen, batch)
+    def _eval_terms(self, trainable, frozen, batch, media):
+        def add(carry, xs):
+            total, count = self._micro_loss(trainable, frozen, *xs)
+            return (carry[0] + total, carry[1] + count), None
+
+        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+        return jax.lax.scan(add, init, (batch, media))[0]
 
 
 def _split_media(batch: dict) -> tuple[dict, dict]:
