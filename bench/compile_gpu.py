@@ -120,9 +120,10 @@ def build(z: dict):
                                                      rngs=nnx.Rngs(0)))
 
 
-def workloads(model, z: dict) -> dict:
+def workloads(model, z: dict, one_program: bool = False) -> dict:
     """{name: (call, wait, prepare)}: `call()` runs the workload once, `wait(result)` blocks on it,
-    `prepare()` (or None) runs untimed before each call."""
+    `prepare()` (or None) runs untimed before each call. one_program: the training step's update as one
+    program even where the tree stages it (TrainStep.staged, since the twelfth session)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -160,6 +161,8 @@ def workloads(model, z: dict) -> dict:
 
     split = model_lib.split_trainable(model, model_lib.trainable_paths(model, model.config))
     train_step = TrainStep(split, optax.adamw(1e-5), layout=layout)
+    if one_program and getattr(train_step, "staged", False):
+        train_step.staged = False
     mesh = make_mesh(1, 1)  # the batch and the trained parameters on the launcher's one-device mesh
     batch = to_global(mesh, {k: np.asarray(v)[None] for k, v in {**x, "keep": keep}.items()})
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -233,9 +236,11 @@ def decode_census(decoding, min_bytes: int) -> dict:
         return {"error": f"{type(err).__name__}: {str(err)[:200]}"}
 
 
-def measure(z: dict, first_only: bool, warmup: int, repeats: int, names=WORKLOADS, profile: bool = False) -> dict:
+def measure(z: dict, first_only: bool, warmup: int, repeats: int, names=WORKLOADS, profile: bool = False,
+            one_program: bool = False) -> dict:
     """profile: the first call of each workload runs under jax.profiler, its host events (the compiler's
-    passes, autotuning, code generation) summed per name into the row's `compile_profile`."""
+    passes, autotuning, code generation; from a warm cache, loading) summed per name into the row's
+    `compile_profile`. one_program: see `workloads`."""
     import tempfile
 
     import jax
@@ -248,7 +253,7 @@ def measure(z: dict, first_only: bool, warmup: int, repeats: int, names=WORKLOAD
     jax.block_until_ready(jax.tree.leaves(__import__("flax").nnx.state(model)))
     out = {"build_s": round(time.perf_counter() - t0, 2), "build_compile": clock.take()}
     log(f"model built in {out['build_s']} s")
-    work = workloads(model, z)
+    work = workloads(model, z, one_program)
     census = work.pop("census")
     for name, (call, wait, prepare) in work.items():
         if name not in names:
@@ -343,7 +348,9 @@ def main(argv=None) -> int:
     parser.add_argument("--workloads", default=",".join(WORKLOADS),
                         help="comma-separated subset of " + ", ".join(WORKLOADS))
     parser.add_argument("--profile", action="store_true",
-                        help="trace each cold first call with jax.profiler: host time per compiler event")
+                        help="trace each first call (cold and warm) with jax.profiler: host time per event")
+    parser.add_argument("--one-program", action="store_true",
+                        help="the training step's update as one program (not staged)")
     parser.add_argument("--xla-caches", help="jax_persistent_cache_enable_xla_caches: XLA's own caches kept in the "
                                              "cache directory ('all' adds the kernel cache to the autotuning cache)")
     parser.add_argument("--first-only", action="store_true", help="(internal) first calls only, report as JSON")
@@ -361,11 +368,12 @@ def main(argv=None) -> int:
     if not set(names) <= set(WORKLOADS):
         parser.error(f"--workloads: unknown {sorted(set(names) - set(WORKLOADS))}; expected some of {WORKLOADS}")
     if args.first_only:
-        result = measure(z, True, 0, 0, names)
+        result = measure(z, True, 0, 0, names, args.profile, args.one_program)
         with open(args.json, "w") as f:
             json.dump(result, f)
         return 0
     report = dict(versions=versions(), cache_dir=cache, cpu_smoke=args.cpu_smoke, xla_caches=args.xla_caches,
+                  one_program=args.one_program,
                   mem_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
                   method=f"B=1, bf16; first call = wall time of the first call (trace + compile + run, the "
                          f"persistent cache on and cold); steady state = median of {args.repeats} calls after "
@@ -373,11 +381,12 @@ def main(argv=None) -> int:
                          f"calls again in a new process on the same cache")
     log(f"{report['versions']}")
     try:
-        report["cold"] = measure(z, False, args.warmup, args.repeats, names, args.profile)
+        report["cold"] = measure(z, False, args.warmup, args.repeats, names, args.profile, args.one_program)
         result = os.path.join(cache, "..", f"compile_gpu_warm_{os.getpid()}.json")
         # the same interpreter, environment and working directory: the same theworld_jax as this process
         cmd = [sys.executable, "-m", "bench.compile_gpu", "--first-only", "--cache-dir", cache, "--json", result,
                "--workloads", args.workloads] + (["--xla-caches", args.xla_caches] if args.xla_caches else [])
+        cmd += [flag for flag, on in (("--profile", args.profile), ("--one-program", args.one_program)) if on]
         t0 = time.perf_counter()
         child = subprocess.run(cmd + (["--cpu-smoke"] if args.cpu_smoke else []), text=True, capture_output=True)
         print(child.stdout + child.stderr, flush=True)

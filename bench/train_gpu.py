@@ -133,6 +133,9 @@ def write_work(work: str, smoke: bool, rows: int) -> dict:
 # ---------------------------------------------------------------- the JAX side (a worker process)
 
 def jax_worker(args) -> dict:
+    from theworld_jax.jit import set_process_xla_flags
+
+    set_process_xla_flags()  # as the launcher (cli.prepare_jax), before JAX starts its backend
     import jax
 
     from bench import train_variants

@@ -15,9 +15,14 @@ call serve.
 
 Eighth session, the padded length: `pad16` / `pad64` pad the cuDNN calls and the batch's rows (4,399 fused
 tokens) to a multiple of 16 / 64 (4,400 / 4,416) instead of 128 (4,480).
+
+Twelfth session: `one_program` runs the projector-only update as one program instead of its stages'
+programs (theworld_jax.train.staged).
 """
 
 from __future__ import annotations
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +68,12 @@ def _reversed_blocks():
     ia._band_serves = lambda *args: False
 
 
+def _one_program():
+    from theworld_jax.train import step
+
+    step.PROJECTOR = re.compile(r"(?!)")  # matches no path: TrainStep.staged is false
+
+
 def _pad(multiple: int):
     def patch():
         from theworld_jax import interval_attention as ia
@@ -73,7 +84,7 @@ def _pad(multiple: int):
 
 PATCHES = {"dot_merger": _dot_merger, "autodiff_norm": _autodiff_norm, "gelu_aux": _gelu_aux,
            "siglip_2d_bias": _siglip_2d_bias, "reversed_blocks": _reversed_blocks, "pad16": _pad(16),
-           "pad64": _pad(64)}
+           "pad64": _pad(64), "one_program": _one_program}
 CENSUS = ("dot_merger", "autodiff_norm", "gelu_aux", "siglip_2d_bias")
 VARIANTS = {"plain": (), "before": CENSUS, **{name: (name,) for name in PATCHES}}
 

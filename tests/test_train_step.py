@@ -127,3 +127,113 @@ def test_forward_with_media_equals_forward_from_pixels(world_attention):
     encoded = model.forward(rows["input_ids"], rows["attention_mask"], media=media, **common)
     np.testing.assert_allclose(np.asarray(encoded.logits), np.asarray(direct.logits), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(float(encoded.loss), float(direct.loss), rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def projector_only():
+    """frozen_encoders' setting with the language model frozen too (the default recipe: only the world
+    projector trains), float32, and one step's batch of two accumulation micro-batches (A=2, G=1)."""
+    from tests.helpers.tiny_training import tiny_training_batches
+    from theworld_jax import sharding
+    from theworld_jax.train import model as model_lib
+    from theworld_jax.train.loop import to_global
+
+    theworld, _, (rows,) = tiny_training_batches(["model.dtype=float32", "model.freeze_gemma_language=true"],
+                                                 (96,), rows=2)
+    mesh = sharding.make_mesh(1, 1)
+    theworld.model = sharding.shard_module(theworld.model, mesh)
+    split = model_lib.split_trainable(theworld.model, model_lib.trainable_paths(theworld.model, theworld.config))
+    return theworld, split, to_global(mesh, {k: np.stack([v[:1], v[1:]]) for k, v in rows.items()})
+
+
+def _two_steps(theworld, split, batch, *, staged: bool, remat: str = "none", compiled=()):
+    """Two steps from the split's parameters: (step, [(trainable, metrics) after each] as host copies, the
+    length of `compiled` (_compiled_programs) after the first step)."""
+    from theworld_jax.train import model as model_lib
+    from theworld_jax.train.step import TrainStep
+
+    step = TrainStep(split, optax.adamw(1e-2), layout=model_lib.attention_layout(theworld), remat=remat)
+    assert step.staged  # only the world projector trains
+    step.staged = staged
+    trainable = jax.tree.map(jnp.copy, split.initial_trainable())
+    mesh = jax.tree.leaves(batch)[0].sharding.mesh
+    opt_state = jax.device_put(jax.jit(step.optimizer.init)(trainable), NamedSharding(mesh, PartitionSpec()))
+    after = []
+    for _ in range(2):
+        trainable, opt_state, metrics = step.step(trainable, opt_state, split.frozen, batch)
+        after.append(jax.tree.map(np.asarray, (trainable, metrics)))
+        first_step = len(compiled) if len(after) == 1 else first_step
+    return step, after, first_step
+
+
+@pytest.mark.parametrize("remat", ["none", "dots_saveable"])
+def test_staged_update_gives_the_one_program_step(projector_only, remat):
+    """The update as stage programs with their backward programs against the update as one program: the
+    same parameters and metrics after two steps of two accumulated micro-batches, in float32."""
+    theworld, split, batch = projector_only
+    _, staged, _ = _two_steps(theworld, split, batch, staged=True, remat=remat)
+    _, whole, _ = _two_steps(theworld, split, batch, staged=False, remat=remat)
+    for (params, metrics), (expected, expected_metrics) in zip(staged, whole):
+        assert params.keys() == expected.keys()
+        for key in expected:
+            np.testing.assert_allclose(params[key], expected[key], rtol=1e-5, atol=1e-6, err_msg=key)
+        for key in expected_metrics:
+            np.testing.assert_allclose(metrics[key], expected_metrics[key], rtol=1e-5, err_msg=key)
+
+
+def test_staged_programs_compile_on_the_first_step_only(projector_only):
+    """The staged step's first step compiles the encoders' and each stage's programs (not the one-program
+    update; the group programs once per group structure); the second compiles nothing. (remat "full": a
+    policy no other test compiles the group programs for.)"""
+    theworld, split, batch = projector_only
+    compiled = _compiled_programs()
+    step, _, first_step = _two_steps(theworld, split, batch, staged=True, remat="full", compiled=compiled)
+    names = set(compiled[:first_step])
+    assert {"jit(_encode)", "jit(inputs.forward)", "jit(inputs.backward)", "jit(LayerGroup.forward)",
+            "jit(LayerGroup.backward)", "jit(_head)", "jit(_apply_terms)"} <= names, names
+    assert "jit(_step)" not in names
+    decoder = theworld.model.gemma.language_model
+    last = len(decoder.layers) - 1
+    structures = {(tuple(decoder.config.layer_types[i] for i in g), g[-1] == last)
+                  for g in decoder.layer_groups(split_last=True)}
+    first = compiled[:first_step]
+    assert first.count("jit(LayerGroup.forward)") == first.count("jit(LayerGroup.backward)") == len(structures)
+    assert compiled[first_step:] == [] and step.compiles == 1, compiled[first_step:]
+
+
+def test_staged_residuals_leave_out_the_arguments():
+    """A stage's forward saves the activations its backward needs, not the (frozen) weights it read: those
+    are arguments of the backward program already; its backward gives jax.vjp's cotangent."""
+    from theworld_jax.train.staged import Staged
+
+    w, v = jnp.arange(24.0).reshape(4, 6) / 24, jnp.arange(18.0).reshape(6, 3) / 18
+    x = jnp.linspace(-1, 1, 8).reshape(2, 4)
+    stage = Staged(lambda w, v, x: (jnp.tanh(x @ w) @ v, None), (2,), "toy")
+    (y, _), saved = stage.forward(w, v, x)
+    assert saved and all(s.shape == (2, 6) for s in saved), [s.shape for s in saved]  # activations, not w or v
+    dy = jnp.ones_like(y)
+    (dx,) = stage.backward((w, v, x), saved, dy)
+    expected = jax.vjp(lambda x: jnp.tanh(x @ w) @ v, x)[1](dy)[0]
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(expected), rtol=1e-6)
+
+
+def test_only_a_projector_only_step_is_staged(frozen_encoders, projector_only):
+    from theworld_jax.train.step import TrainStep
+
+    assert not TrainStep(frozen_encoders[1], optax.adamw(1e-2)).staged  # the language model trains too
+    assert TrainStep(projector_only[1], optax.adamw(1e-2)).staged
+
+
+@pytest.mark.slow
+def test_staged_update_on_a_mesh_of_four_devices():
+    """The staged step with the batch and model sharded over (data 2, fsdp 2) CPU devices gives the
+    one-program step (tests/scripts/staged_step_on_a_mesh.py, in a process of its own)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-m", "tests.scripts.staged_step_on_a_mesh"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0 and "OK" in run.stdout, run.stdout[-2000:] + run.stderr[-4000:]

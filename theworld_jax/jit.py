@@ -41,17 +41,20 @@ def jit_module(fn: Callable[..., Any], module: nnx.Module, *, static_argnames: t
     """`functools.partial(fn, module)`, jitted (cached per module, fn and options; `compiler_options`: XLA's,
     e.g. LARGE_PROGRAM_OPTIONS)."""
     key = (fn, tuple(static_argnames), tuple(donate_argnames), tuple(sorted((compiler_options or {}).items())))
-    return _bound(module, key, lambda graphdef, paths: _jit(graphdef, paths, *key))
+    return bind(module, key, lambda graphdef, paths: _jit(graphdef, paths, *key))
 
 
-def _bound(module: nnx.Module, key: tuple, make_program: Callable) -> _Bound:
+def bind(module: nnx.Module, key: tuple, make_program: Callable) -> Bound:
+    """The module's Bound for `key` (made once per module and key): its live variables and the program
+    `make_program(graphdef, paths)`, which takes their values (`Bound.values()`; `merge` rebuilds the module
+    from them inside the program)."""
     bound = _BOUND.setdefault(module, {})
     if key not in bound:
-        bound[key] = _Bound(module, make_program)
+        bound[key] = Bound(module, make_program)
     return bound[key]
 
 
-class _Bound:
+class Bound:
     """A module's live variables and the program `make_program(graphdef, paths)` that takes their values
     (for shared_call: a function of the compiler options that returns the program, `program(options)`)."""
 
@@ -76,7 +79,7 @@ class _Bound:
         return self.program(self.values(), *args, **kwargs)
 
 
-def _merge(graphdef, paths: tuple, values) -> nnx.Module:
+def merge(graphdef, paths: tuple, values) -> nnx.Module:
     return nnx.merge(graphdef, nnx.from_flat_state(list(zip(paths, values))))
 
 
@@ -86,7 +89,7 @@ def _jit(graphdef, paths: tuple, fn, static_argnames: tuple, donate_argnames: tu
 
     @functools.wraps(fn)  # fn's name in compile logs and profiles; fn's signature for the argnames
     def run(values, *args, **kwargs):
-        return fn(_merge(graphdef, paths, values), *args, **kwargs)
+        return fn(merge(graphdef, paths, values), *args, **kwargs)
 
     progress.announce_compiles(fn.__name__, fn.__name__.strip("_").replace("_", " "))
     return jax.jit(run, static_argnames=static_argnames, donate_argnames=donate_argnames,
@@ -110,7 +113,7 @@ def shared_call(module: nnx.Module, *args, method: str = "__call__", remat_polic
     key = (_shared_program, method, remat_policy, tuple(sorted(static.items())))
     name = type(module).__name__
     # per bound, one program per options (the shared lookup hashes the graphdef: once, not per call)
-    bound = _bound(module, key, lambda graphdef, paths: functools.cache(
+    bound = bind(module, key, lambda graphdef, paths: functools.cache(
         functools.partial(_shared_program, graphdef, paths, name, *key[1:])))
     values = bound.values()
     nested = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((values, args)))
@@ -120,7 +123,7 @@ def shared_call(module: nnx.Module, *args, method: str = "__call__", remat_polic
 @functools.lru_cache(maxsize=256)
 def _shared_program(graphdef, paths: tuple, name: str, method: str, remat_policy, static: tuple, options: tuple):
     def call(values, *args):
-        return getattr(_merge(graphdef, paths, values), method)(*args, **dict(static))
+        return getattr(merge(graphdef, paths, values), method)(*args, **dict(static))
 
     call.__name__ = name if method == "__call__" else f"{name}.{method}"  # its name in traces and compile logs
     progress.announce_compiles(call.__name__, call.__name__)  # when it compiles as a program of its own

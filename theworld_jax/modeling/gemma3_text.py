@@ -200,21 +200,29 @@ class Gemma3TextDecoder(nnx.Module):
         prefilled = cache is not None and cache.prefilled
         twin = TWIN_ONE_TOKEN and embeds.shape[0] * embeds.shape[1] == 1 and keep is None
 
-        policy = REMAT_POLICIES[check_remat(remat)]
-        static = dict(prefilled=prefilled, implementation=implementation, twin=twin, layer_remat=policy)
-        rope_kinds = tuple(dict.fromkeys(self.config.rope_for(i) for i in range(len(self.layers))))
-        x, ropes, rows = _prologue(embeds, positions, keep, ropes=rope_kinds, head_dim=self.config.head_dim,
-                                   dtype=self.dtype, twin=twin)
+        static = dict(prefilled=prefilled, implementation=implementation, twin=twin,
+                      layer_remat=REMAT_POLICIES[check_remat(remat)])
+        x, ropes, rows = self.prologue(embeds, positions, keep, twin=twin)
         new_layers = []
-        for group, module in self._groups(rope_kinds, split_last=keep is not None):
+        for group, module in self.groups(split_last=keep is not None):
             caches = tuple(None if cache is None else cache.layer(i) for i in group)
             # groups of one structure share one program (theworld_jax.jit.shared_call)
             last = group[-1] == len(self.layers) - 1
             x, caches = shared_call(module, x, ropes, mask, caches, rows if last else None, **static)
             new_layers.extend(caches)
-        hidden = _epilogue(shared_call(self.norm, x), keep, twin=twin)
+        hidden = self.epilogue(x, keep, twin=twin)
         new_cache = None if cache is None else cache.updated(new_layers)
         return hidden, new_cache
+
+    def prologue(self, embeds, positions, keep=None, *, twin: bool = False):
+        """The layers' input x (B, L, D) in the compute dtype, the (cos, sin) tables of each RoPE kind of
+        `groups` (ropes), and keep clipped to valid rows for the last layer (rows, or None)."""
+        return _prologue(embeds, positions, keep, ropes=self._rope_kinds(), head_dim=self.config.head_dim,
+                         dtype=self.dtype, twin=twin)
+
+    def epilogue(self, x, keep=None, *, twin: bool = False) -> jax.Array:
+        """The last layer's output -> the final norm's hidden states ((B, K, D) with keep: -1 rows zero)."""
+        return _epilogue(shared_call(self.norm, x), keep, twin=twin)
 
     def layer_groups(self, *, split_last: bool = False) -> list[range]:
         """The layers in runs of one period of the layer pattern (Gemma 3 4B: 5 sliding + 1 full, so
@@ -228,9 +236,10 @@ class Gemma3TextDecoder(nnx.Module):
             bounds.insert(-1, len(types) - 1)
         return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
-    def _groups(self, rope_kinds: tuple, *, split_last: bool) -> list[tuple[range, LayerGroup]]:
-        """layer_groups with a LayerGroup of each, kept while the layers stay the same (so that calls
-        outside jit reuse the group's bound variables, theworld_jax.jit)."""
+    def groups(self, *, split_last: bool = False) -> list[tuple[range, LayerGroup]]:
+        """`layer_groups` with a LayerGroup of each (called with `prologue`'s x and ropes), kept while the
+        layers stay the same (so that calls outside jit reuse the group's bound variables, theworld_jax.jit)."""
+        rope_kinds = self._rope_kinds()
         key = (split_last, rope_kinds, tuple(id(layer) for layer in self.layers))
         cached = _GROUPS.setdefault(self, {})
         if key not in cached:
@@ -238,6 +247,9 @@ class Gemma3TextDecoder(nnx.Module):
                                               tuple(rope_kinds.index(self.config.rope_for(i)) for i in group)))
                            for group in self.layer_groups(split_last=split_last)]
         return cached[key]
+
+    def _rope_kinds(self) -> tuple[RopeConfig, ...]:
+        return tuple(dict.fromkeys(self.config.rope_for(i) for i in range(len(self.layers))))
 
     def _check_inputs(self, embeds, positions, mask: AttentionMask, cache: KVCache | None, keep) -> None:
         cfg = self.config

@@ -115,6 +115,21 @@ class TheWorldModel(nnx.Module):
         decoder remat policy name; implementation: the attention kernel (None picks); media: `encode_media`'s
         output computed apart (pixel_values and video are then not read).
         """
+        inputs = self.fused_inputs(input_ids, attention_mask, pixel_values=pixel_values,
+                                   token_type_ids=token_type_ids, labels=labels, video=video,
+                                   position_ids=position_ids, logits_to_keep=logits_to_keep, layout=layout,
+                                   media=media)
+        hidden, _ = self.language_model(inputs.embeds, positions=inputs.positions, mask=inputs.mask, remat=remat,
+                                        implementation=implementation, keep=inputs.keep)
+        logits = shared_call(self.language_model, hidden, method="logits")
+        loss = None if labels is None else _loss(logits, inputs.labels, inputs.keep)
+        return ForwardOutput(logits=logits, loss=loss, attention_mask=inputs.attention_mask)
+
+    def fused_inputs(self, input_ids, attention_mask, *, pixel_values=None, token_type_ids=None, labels=None,
+                     video=None, position_ids=None, logits_to_keep=None, layout: Layout | None = None,
+                     media: Media | None = None) -> DecoderInputs:
+        """`forward`'s first stage (its arguments as there): the decoder's inputs, as one program
+        (`decoder_inputs`)."""
         encoded_world = media is not None and media.world_latents is not None
         world = self.config.enable_world and (video is not None or encoded_world)
         if layout is None:
@@ -125,13 +140,8 @@ class TheWorldModel(nnx.Module):
         keep = None if last is not None else logits_to_keep
         if media is not None:
             pixel_values = video = None
-        inputs = shared_call(self, input_ids, attention_mask, pixel_values, token_type_ids, labels, video, position_ids,
-                             keep, media, method="decoder_inputs", last=None if last is None else int(last), layout=layout)
-        hidden, _ = self.language_model(inputs.embeds, positions=inputs.positions, mask=inputs.mask, remat=remat,
-                                        implementation=implementation, keep=inputs.keep)
-        logits = shared_call(self.language_model, hidden, method="logits")
-        loss = None if labels is None else _loss(logits, inputs.labels, inputs.keep)
-        return ForwardOutput(logits=logits, loss=loss, attention_mask=inputs.attention_mask)
+        return shared_call(self, input_ids, attention_mask, pixel_values, token_type_ids, labels, video, position_ids,
+                           keep, media, method="decoder_inputs", last=None if last is None else int(last), layout=layout)
 
     def _world_token_count(self, video, media: Media | None) -> int:
         """N of the world tokens of one row, from the video's shape or else the encoded latents'."""

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from theworld_jax.jit import LARGE_PROGRAM_OPTIONS
 from theworld_jax.train import model as model_lib
+from theworld_jax.train.staged import StagedUpdate
 from theworld_jax.weights.loader import param_path
 
 
@@ -57,6 +58,8 @@ COMPILER_OPTIONS = dict(LARGE_PROGRAM_OPTIONS)
 
 # The frozen encoders: SigLIP with Gemma's projector, and the VAE encoder (TheWorldModel.encode_media).
 ENCODERS = re.compile(r"^(gemma\.(vision_tower|multi_modal_projector)|vae)\.")
+# What trains in the default recipe: the world projector alone (then the update runs staged).
+PROJECTOR = re.compile(r"^world_projector\.")
 MEDIA_KEYS = ("pixel_values", "video")
 
 
@@ -67,8 +70,10 @@ class TrainStep:
 
     When no encoder parameter trains (`encode_apart`), a step is two programs: the encoders over the
     batch's images and video (no gradients flow there), then the update (the world projector, the decoder
-    forward and backward, the optimizer) on their outputs. On a new batch shape both are compiled at once,
-    each on its own thread, so that XLA's single-threaded passes over the two overlap."""
+    forward and backward, the optimizer) on their outputs. When only the world projector trains
+    (`staged`), the update itself runs as programs of its stages and their backward
+    (theworld_jax.train.staged). On a new batch shape on a mesh all programs are compiled at once, each
+    on its own thread, so that XLA's single-threaded passes over them overlap (staged: on one device)."""
 
     def __init__(self, split: model_lib.SplitModel, optimizer: optax.GradientTransformation, *, layout=None,
                  remat: str = "none"):
@@ -79,7 +84,10 @@ class TrainStep:
         self.compiles = 0
         trained = [param_path(path) for path, _ in nnx.to_flat_state(split.template)]
         self.encode_apart = not any(ENCODERS.match(path) for path in trained)
+        self.staged = all(PROJECTOR.match(path) for path in trained)
         self._update = jax.jit(self._step, donate_argnums=(0, 1), compiler_options=COMPILER_OPTIONS)
+        self._staged = StagedUpdate(split, self._apply_terms, layout=layout, remat=remat,
+                                    compiler_options=COMPILER_OPTIONS, on_trace=self._count)
         self._encoders = {}  # per output sharding: the encoders' program
         self._compiled = set()  # batch signatures whose two programs were compiled together
         self._eval = jax.jit(self._eval_terms, compiler_options=COMPILER_OPTIONS)
@@ -87,14 +95,17 @@ class TrainStep:
     def step(self, trainable, opt_state, frozen, batch):
         """One optimizer step on `batch` (A, G, ...): A accumulation micro-batches of G rows."""
         inputs, rest = _split_media(batch)
-        if not self.encode_apart or not inputs:
+        if not self.encode_apart:
             return self._update(trainable, opt_state, frozen, batch, None)
-        sharding = _media_sharding(next(iter(inputs.values())))
         signature = _signature(batch)
-        if sharding is not None and signature not in self._compiled:
+        if signature not in self._compiled and self._compiles_ahead(batch):
             self.compile(trainable, opt_state, frozen, batch)
             self._compiled.add(signature)
-        media = self._encoder(sharding)(trainable, frozen, inputs)
+        media = self._encoder(_media_sharding(_first(batch)))(trainable, frozen, inputs) if inputs else None
+        if self.staged:
+            return self._staged(trainable, opt_state, frozen, rest, media)
+        if media is None:
+            return self._update(trainable, opt_state, frozen, batch, None)
         return self._update(trainable, opt_state, frozen, rest, media)
 
     def evaluate(self, trainable, frozen, batch) -> tuple[jax.Array, jax.Array]:
@@ -110,12 +121,20 @@ class TrainStep:
         """The step's programs for these arguments (arrays, or ShapeDtypeStructs with their shardings),
         lowered: [the update], or [the encoders, the update] when they run apart."""
         inputs, rest = _split_media(batch)
-        if not self.encode_apart or not inputs:
+        if not self.encode_apart:
             return [self._update.lower(trainable, opt_state, frozen, batch, None)]
-        sharding = _media_sharding(next(iter(inputs.values())))
-        encode = self._encoder(sharding).lower(trainable, frozen, inputs)
-        media = jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=sharding), encode.out_info)
-        return [encode, self._update.lower(trainable, opt_state, frozen, rest, media)]
+        sharding = _media_sharding(_first(batch))
+        encode, media = [], None
+        if inputs:
+            encode = [self._encoder(sharding).lower(trainable, frozen, inputs)]
+            media = jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=sharding),
+                                 encode[0].out_info)
+        if self.staged:
+            replicated = None if sharding is None else NamedSharding(sharding.mesh, PartitionSpec())
+            return encode + self._staged.lower(trainable, opt_state, frozen, rest, media, replicated)
+        if media is None:
+            return [self._update.lower(trainable, opt_state, frozen, batch, None)]
+        return encode + [self._update.lower(trainable, opt_state, frozen, rest, media)]
 
     def compile(self, trainable, opt_state, frozen, batch) -> list[jax.stages.Compiled]:
         """`lower`'s programs compiled at once, each on its own thread (XLA's single-threaded passes over
@@ -123,6 +142,16 @@ class TrainStep:
         lowered = self.lower(trainable, opt_state, frozen, batch)
         with ThreadPoolExecutor(len(lowered)) as pool:
             return list(pool.map(lambda program: program.compile(), lowered))
+
+    def _compiles_ahead(self, batch) -> bool:
+        """Whether `step` compiles its programs together before the first step of this batch shape: for
+        batches on a mesh (the launcher's), and for the staged update on a one-device mesh only (the
+        arrays between its programs lie where XLA puts them, which only one device makes certain)."""
+        sharding = _media_sharding(_first(batch))
+        return sharding is not None and (not self.staged or sharding.mesh.size == 1)
+
+    def _count(self):
+        self.compiles += 1
 
     def _encoder(self, sharding):
         if sharding not in self._encoders:
@@ -143,7 +172,7 @@ class TrainStep:
         return model_lib.loss_terms(model, micro, layout=self.layout, remat=self.remat, media=media)
 
     def _step(self, trainable, opt_state, frozen, batch, media):
-        self.compiles += 1
+        self._count()
         grad_fn = jax.value_and_grad(self._micro_loss, has_aux=True)
 
         def accumulate(carry, xs):
@@ -154,6 +183,17 @@ class TrainStep:
         zeros = jax.tree.map(jnp.zeros_like, trainable)
         init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
         (grads, total, count), _ = jax.lax.scan(accumulate, init, (batch, media))
+        return self._apply(trainable, opt_state, grads, total, count)
+
+    def _apply_terms(self, trainable, opt_state, terms):
+        """The optimizer step from each micro-batch's (gradients, summed loss, target count)."""
+        grads, total, count = terms[0]
+        for g, t, c in terms[1:]:
+            grads, total, count = jax.tree.map(jnp.add, grads, g), total + t, count + c
+        return self._apply(trainable, opt_state, grads, total, count)
+
+    def _apply(self, trainable, opt_state, grads, total, count):
+        """The optimizer step from the gradients, summed loss and target count over the step's rows."""
         denom = jnp.maximum(count, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = self.optimizer.update(grads, opt_state, trainable)
@@ -173,6 +213,10 @@ class TrainStep:
 def _split_media(batch: dict) -> tuple[dict, dict]:
     """(the encoders' inputs, the rest) of a batch."""
     return ({k: v for k, v in batch.items() if k in MEDIA_KEYS}, {k: v for k, v in batch.items() if k not in MEDIA_KEYS})
+
+
+def _first(batch: dict):
+    return next(iter(batch.values()))
 
 
 def _media_sharding(x):
