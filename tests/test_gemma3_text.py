@@ -217,6 +217,25 @@ def test_rms_norm_gradients_match_autodiff_and_keep_only_the_input():
     assert [a.shape for a in jax.tree.leaves(backward)] == [x.shape, w.shape]  # no saved per-row 1 / rms
 
 
+def test_flat_product_gradients_match_autodiff_and_save_the_kernel_itself():
+    """Einsum.matmul's product: autodiff's gradients for both operands; differentiated in rows only, its
+    VJP keeps the kernel as given (not a reshaped copy) and nothing else."""
+    import jax
+
+    from theworld_jax.modeling.layers import flat_product
+
+    rng = np.random.default_rng(3)
+    rows, kernel = jnp.asarray(rng.normal(size=(5, 6)), jnp.float32), jnp.asarray(rng.normal(size=(2, 3, 4)), jnp.float32)
+    plain = lambda r, k: jnp.einsum("MK,KN->MN", r, k.reshape(6, -1))  # noqa: E731
+    np.testing.assert_array_equal(np.asarray(flat_product(rows, kernel)), np.asarray(plain(rows, kernel)))
+    loss = lambda f: lambda r, k: jnp.sum(jnp.sin(f(r, k)))  # noqa: E731
+    for a, b in zip(jax.grad(loss(flat_product), argnums=(0, 1))(rows, kernel),
+                    jax.grad(loss(plain), argnums=(0, 1))(rows, kernel)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    _, backward = jax.vjp(lambda r: flat_product(r, kernel), rows)
+    assert [leaf is kernel for leaf in jax.tree.leaves(backward)] == [True]
+
+
 def test_layers_of_one_kind_are_traced_once(monkeypatch):
     """34 layers of two kinds (Gemma 3 4B's pattern): the forward and its gradient trace one layer of
     each kind, plus the last layer once more when it computes only the kept positions."""

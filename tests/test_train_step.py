@@ -237,3 +237,24 @@ def test_staged_update_on_a_mesh_of_four_devices():
     run = subprocess.run([sys.executable, "-m", "tests.scripts.staged_step_on_a_mesh"], cwd=root, env=env,
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0 and "OK" in run.stdout, run.stdout[-2000:] + run.stderr[-4000:]
+
+
+def test_staged_layer_groups_save_activations_not_weights(projector_only):
+    """No layer group's forward returns a weight (or a reshaped copy of one) among its residuals: its
+    backward program reads the frozen weights themselves."""
+    from theworld_jax.train import model as model_lib
+    from theworld_jax.train.step import TrainStep
+
+    theworld, split, batch = projector_only
+    step = TrainStep(split, optax.adamw(1e-2), layout=model_lib.attention_layout(theworld))
+    trainable = split.initial_trainable()
+    inputs = {k: batch[k] for k in ("pixel_values", "video")}
+    rest = {k: v for k, v in batch.items() if k not in inputs}
+    media = step._encoder(None)(trainable, split.frozen, inputs)
+    (x, (ropes, mask, rows, _)), _ = step._staged.inputs.forward(trainable, split.frozen, rest, media, np.int32(0))
+    groups = step._staged._groups(trainable, split.frozen)
+    for stage, values, last in groups:
+        (x_next, _), saved = stage.forward(values, x, ropes, mask, rows if last else None)
+        weight_sizes = {v.size for v in values if v.ndim >= 2}
+        assert saved and not [s.shape for s in saved if s.size in weight_sizes], [s.shape for s in saved]
+        x = x_next

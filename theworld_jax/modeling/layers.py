@@ -100,10 +100,37 @@ class Einsum(nnx.Module):
         single = rows.shape[0] == 1
         if single:
             rows = jnp.broadcast_to(rows, (2, k))
-        y = jnp.einsum("MK,KN->MN", rows, kernel.reshape(k, -1))
+        y = flat_product(rows, kernel)
         if single:
             y = jax.lax.optimization_barrier(y)[:1]
         return y.reshape(*lead, *kernel.shape[contract:])
+
+
+@jax.custom_vjp
+def flat_product(rows: jax.Array, kernel: jax.Array) -> jax.Array:
+    """rows (M, K) @ kernel (K_1, ..., N_1, ...) read as a (K, N) matrix -> (M, N).
+
+    Its backward reads the kernel itself where autodiff of the reshape would save the reshaped kernel: a
+    new array, which a program that returns its VJP's residuals (theworld_jax.train.staged) would copy
+    (on an H200 every frozen q/k/v/o weight of the decoder, once per training step). rows are saved only
+    when the kernel is differentiated."""
+    return jnp.einsum("MK,KN->MN", rows, kernel.reshape(rows.shape[1], -1))
+
+
+def _flat_product_forward(rows, kernel):
+    saved_rows = rows.value if kernel.perturbed else None
+    return flat_product(rows.value, kernel.value), (saved_rows, kernel.value)
+
+
+def _flat_product_backward(saved, grad):
+    rows, kernel = saved
+    matrix = kernel.reshape(-1, grad.shape[1])
+    d_rows = jnp.einsum("MN,KN->MK", grad, matrix)
+    d_kernel = None if rows is None else jnp.einsum("MK,MN->KN", rows, grad).reshape(kernel.shape)
+    return d_rows, d_kernel
+
+
+flat_product.defvjp(_flat_product_forward, _flat_product_backward, symbolic_zeros=True)
 
 
 class Embedding(nnx.Module):
