@@ -142,8 +142,27 @@ def interval_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Attention
         rows, at, keep = _block_rows(qr, kr, vr, s, e, bound, attend, window, multiple, band)
         out = _write(out, rows, at, keep)
     out = _window(out, -first, t) if mask.layout.left_padding else out[:, :t]
-    out = jnp.where(mask.k_valid[:, :, None, None], out, jnp.zeros((), out.dtype))
-    return jnp.where(ok[:, None, None, None], out, jnp.asarray(jnp.nan, out.dtype))
+    out = _keep_rows(out, mask.k_valid, 0.0)
+    return _keep_rows(out, jnp.broadcast_to(ok[:, None], mask.k_valid.shape), float("nan"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _keep_rows(x: jax.Array, keep: jax.Array, fill: float) -> jax.Array:
+    """x (B, T, ...) where keep (B, T), else `fill`. Its backward saves keep as it is: autodiff of the
+    select saves its predicate broadcast to x's shape (B, T, N, H), which a program returning its VJP's
+    residuals writes out (theworld_jax.train.staged)."""
+    return jnp.where(keep.reshape(keep.shape + (1,) * (x.ndim - 2)), x, jnp.asarray(fill, x.dtype))
+
+
+def _keep_rows_forward(x, keep, fill):
+    return _keep_rows(x, keep, fill), keep
+
+
+def _keep_rows_backward(fill, keep, grad):
+    return _keep_rows(grad, keep, 0.0), None
+
+
+_keep_rows.defvjp(_keep_rows_forward, _keep_rows_backward)
 
 
 def _attend(q, k, v, *, scale, backend, band=False, **kw):

@@ -62,6 +62,8 @@ class Staged:
         for leaf in leaves:
             if id(leaf) in inputs:
                 sources.append(("input", inputs[id(leaf)]))
+            elif not isinstance(leaf, jax.core.Tracer):  # a constant: kept in the plan, not returned
+                sources.append(("constant", leaf))
             else:
                 if id(leaf) not in seen:
                     seen[id(leaf)] = len(saved)
@@ -73,7 +75,8 @@ class Staged:
     def _backward(self, args, saved, dy):
         tree, sources = self._plans[_signature(args)]
         inputs = jax.tree.leaves(args)
-        pullback = jax.tree.unflatten(tree, [inputs[i] if kind == "input" else saved[i] for kind, i in sources])
+        values = {"input": inputs, "saved": saved}
+        pullback = jax.tree.unflatten(tree, [i if kind == "constant" else values[kind][i] for kind, i in sources])
         return pullback(dy)
 
 
