@@ -169,6 +169,7 @@ def train(args):
     theworld = types.SimpleNamespace(gemma_config=gemma, config=world, num_world_tokens=lambda frames: 4096)
     layout = model_lib.attention_layout(theworld, image_start=4096 + 3)  # the launcher's rows: <bos>, markers, world
     step = TrainStep(split, optimizer, layout=layout, remat=config.model.remat)
+    step.staged = False  # the update as one program (the launcher stages it since the twelfth session)
     rows, ids, image = (1, args.batch), 4480 - 4096, gemma.vision.image_size
     s = lambda *shape, dtype=jnp.int32: jax.ShapeDtypeStruct(rows + shape, dtype)  # noqa: E731
     batch = dict(input_ids=s(ids), attention_mask=s(ids), token_type_ids=s(ids), labels=s(ids), keep=s(24),

@@ -124,6 +124,8 @@ def _flat_product_forward(rows, kernel):
 
 def _flat_product_backward(saved, grad):
     rows, kernel = saved
+    if isinstance(grad, jax.custom_derivatives.SymbolicZero):  # the product's output reached no loss
+        return None, None
     matrix = kernel.reshape(-1, grad.shape[1])
     d_rows = jnp.einsum("MN,KN->MK", grad, matrix)
     d_kernel = None if rows is None else jnp.einsum("MK,MN->KN", rows, grad).reshape(kernel.shape)

@@ -30,13 +30,15 @@ from theworld_jax.modeling.gemma3_text import REMAT_POLICIES, check_remat
 
 class Staged:
     """`fn(*args) -> (y, aux)` as two programs: `forward(*args) -> ((y, aux), saved)`, the residuals of y's
-    VJP with respect to `args[i]` for i in `argnums` that are not arguments themselves (the frozen weights
-    are read again, not copied), and `backward(args, saved, dy)`, the cotangents of those arguments."""
+    VJP with respect to `args[i]` for i in `argnums` that are neither arguments themselves (the frozen weights
+    are read again, not copied) nor constants, and `backward(args, saved, dy)`, the cotangents of those
+    arguments."""
 
     def __init__(self, fn: Callable, argnums: tuple[int, ...], name: str, compiler_options: dict | None = None):
         self.fn = fn
         self.argnums = argnums
         self._plans = {}  # per argument signature: the VJP's tree and where each of its leaves comes from
+
         def forward(*args):
             return self._forward(*args)
 
@@ -76,7 +78,7 @@ class Staged:
         tree, sources = self._plans[_signature(args)]
         inputs = jax.tree.leaves(args)
         values = {"input": inputs, "saved": saved}
-        pullback = jax.tree.unflatten(tree, [i if kind == "constant" else values[kind][i] for kind, i in sources])
+        pullback = jax.tree.unflatten(tree, [ref if kind == "constant" else values[kind][ref] for kind, ref in sources])
         return pullback(dy)
 
 
@@ -160,7 +162,7 @@ class StagedUpdate:
         out = []
         for group, module in decoder.groups(split_last=True):
             bound = jit.bind(module, (Staged, self.policy, self.options),
-                               lambda graphdef, paths: _group_stage(graphdef, paths, self.policy, self.options))
+                             lambda graphdef, paths: _group_stage(graphdef, paths, self.policy, self.options))
             out.append((bound.program, bound.values(), group[-1] == len(decoder.layers) - 1))
         return out
 
@@ -182,9 +184,8 @@ class StagedUpdate:
         decoder = self.split.merge(trainable, frozen).language_model
         labels, positions = batch["labels"][a], batch["keep"][a]
 
-        def loss(x):
-            total, count = causal_lm_loss_terms_at(decoder.logits(decoder.epilogue(x, keep)), labels, positions)
-            return total, count
+        def loss(x):  # (summed cross-entropy, its token count as aux)
+            return causal_lm_loss_terms_at(decoder.logits(decoder.epilogue(x, keep)), labels, positions)
 
         (total, count), dx = jax.value_and_grad(loss, has_aux=True)(x)
         return total, count, dx
