@@ -90,7 +90,7 @@ def _signature(args) -> tuple:
 class StagedUpdate:
     """`__call__(trainable, opt_state, frozen, batch (A, G, ...), media) -> (trainable, opt_state, metrics)`,
     the update of `TrainStep` when only the world projector trains. `apply(trainable, opt_state, terms)`:
-    the optimizer update from each micro-batch's (gradients, summed loss, target count)."""
+    the jitted optimizer update from each micro-batch's (gradients, summed loss, target count), with `lower`."""
 
     def __init__(self, split, apply: Callable, *, layout, remat: str, compiler_options: dict, on_trace: Callable):
         self.split = split
@@ -100,7 +100,7 @@ class StagedUpdate:
         self._on_trace = on_trace
         self.inputs = Staged(self._inputs, (0,), "inputs", compiler_options)
         self.head = jax.jit(self._head, compiler_options=compiler_options)
-        self.apply = jax.jit(apply, donate_argnums=(0, 1), compiler_options=compiler_options)
+        self.apply = apply
         self._model = None
 
     def __call__(self, trainable, opt_state, frozen, batch, media):

@@ -85,9 +85,10 @@ class TrainStep:
         trained = [param_path(path) for path, _ in nnx.to_flat_state(split.template)]
         self.encode_apart = not any(ENCODERS.match(path) for path in trained)
         self.staged = all(PROJECTOR.match(path) for path in trained)
-        self._update = jax.jit(self._step, donate_argnums=(0, 1), compiler_options=COMPILER_OPTIONS)
-        self._staged = StagedUpdate(split, self._apply_terms, layout=layout, remat=remat,
-                                    compiler_options=COMPILER_OPTIONS, on_trace=self._count)
+        self._update = KeepPlacement(self._step, donate_argnums=(0, 1), compiler_options=COMPILER_OPTIONS)
+        apply = KeepPlacement(self._apply_terms, donate_argnums=(0, 1), compiler_options=COMPILER_OPTIONS)
+        self._staged = StagedUpdate(split, apply, layout=layout, remat=remat, compiler_options=COMPILER_OPTIONS,
+                                    on_trace=self._count)
         self._encoders = {}  # per output sharding: the encoders' program
         self._compiled = set()  # batch signatures whose two programs were compiled together
         self._eval = jax.jit(self._eval_terms, compiler_options=COMPILER_OPTIONS)
@@ -208,6 +209,39 @@ class TrainStep:
 
         init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
         return jax.lax.scan(add, init, (batch, media))[0]
+
+
+class KeepPlacement:
+    """`fn(trainable, opt_state, ...) -> (trainable, opt_state, metrics)` jitted (`jit_kwargs`) so that on a
+    mesh the trained parameters and the optimizer state come out placed as they went in, the metrics
+    replicated: one program per placement. Left to XLA, an output's sharding could come back in another
+    form (P('fsdp', None) as P('fsdp')), and the second step compiled the whole update again (4 CPU devices,
+    tests/scripts/staged_step_on_a_mesh.py). Off a mesh: a plain jit."""
+
+    def __init__(self, fn, **jit_kwargs):
+        self.fn = fn
+        self.jit_kwargs = jit_kwargs
+        self._programs = {}
+
+    def __call__(self, trainable, opt_state, *args):
+        return self.program(trainable, opt_state)(trainable, opt_state, *args)
+
+    def lower(self, trainable, opt_state, *args) -> jax.stages.Lowered:
+        return self.program(trainable, opt_state).lower(trainable, opt_state, *args)
+
+    def program(self, trainable, opt_state):
+        """The jitted fn for the placement of `trainable` and `opt_state` (arrays or ShapeDtypeStructs)."""
+        shardings, tree = jax.tree.flatten(jax.tree.map(lambda x: getattr(x, "sharding", None), (trainable, opt_state)),
+                                           is_leaf=lambda x: x is None)
+        placed = all(isinstance(s, NamedSharding) for s in shardings)
+        key = (tree, tuple(shardings)) if placed else None
+        if key not in self._programs:
+            placement = {}
+            if placed:
+                metrics = NamedSharding(shardings[0].mesh, PartitionSpec())
+                placement = {"out_shardings": (*jax.tree.unflatten(tree, shardings), metrics)}
+            self._programs[key] = jax.jit(self.fn, **self.jit_kwargs, **placement)
+        return self._programs[key]
 
 
 def _split_media(batch: dict) -> tuple[dict, dict]:
