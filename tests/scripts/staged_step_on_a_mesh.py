@@ -36,11 +36,19 @@ for staged in (True, False):
     step.staged = staged
     trainable = jax.tree.map(jnp.copy, split.initial_trainable())
     opt_state = jax.device_put(jax.jit(step.optimizer.init)(trainable), NamedSharding(mesh, PartitionSpec()))
+    first_step = None
     for _ in range(2):
         compiled.clear()
         trainable, opt_state, metrics = step.step(trainable, opt_state, split.frozen, batch)
         jax.block_until_ready(metrics)
+        first_step = list(compiled) if first_step is None else first_step
     assert compiled == [], (staged, compiled)  # the second step's
+    if staged:  # compiled ahead in turn: each program once, the group programs once per group structure
+        decoder = theworld.model.gemma.language_model
+        structures = len({(tuple(decoder.config.layer_types[i] for i in g), g[-1] == len(decoder.layers) - 1)
+                          for g in decoder.layer_groups(split_last=True)})
+        counts = {name: first_step.count(name) for name in first_step}
+        assert all(n == (structures if "LayerGroup" in name else 1) for name, n in counts.items()), counts
     results[staged] = jax.tree.map(np.asarray, (trainable, metrics))
 (params, metrics), (expected, expected_metrics) = results[True], results[False]
 for key in expected:

@@ -148,6 +148,37 @@ class StagedUpdate:
         lowered.append(self.apply.lower(trainable, opt_state, ((grads, total, count),) * micro_batches))
         return lowered
 
+    def compile_in_turn(self, trainable, opt_state, frozen, batch, media, pool) -> list:
+        """For a mesh of several devices, where the placement of the arrays between the programs is known
+        only once the program that makes them is compiled: the forward programs compiled in turn (the
+        caller's thread), each backward program, the head and the optimizer's submitted to `pool` as soon
+        as their arguments' placement is known. Returns the futures of the submitted compiles."""
+        def compiled_outputs(compiled):
+            return jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=o.sharding),
+                                compiled.out_info)
+
+        inputs_args = (trainable, frozen, batch, media, np.int32(0))
+        inputs_forward = self.inputs.forward.lower(*inputs_args).compile()
+        (x, (ropes, mask, rows, keep)), inputs_saved = compiled_outputs(inputs_forward)
+        inputs_backward = pool.submit(self.inputs.backward.lower(inputs_args, inputs_saved, x).compile)
+        futures, forwards = [inputs_backward], {}
+        for stage, values, last in self._groups(trainable, frozen):
+            args = (values, x, ropes, mask, rows if last else None)
+            key = (id(stage), _signature(args))
+            if key not in forwards:
+                forwards[key] = compiled_outputs(stage.forward.lower(*args).compile())
+                (y, _), saved = forwards[key]
+                futures.append(pool.submit(stage.backward.lower(args, saved, y).compile))
+            (x, _), _ = forwards[key]
+        head = pool.submit(self.head.lower(trainable, frozen, batch, np.int32(0), x, keep).compile)
+        futures.append(head)
+        total, count, _ = compiled_outputs(head.result())
+        (grads,) = compiled_outputs(inputs_backward.result())
+        micro_batches = jax.tree.leaves(batch)[0].shape[0]
+        terms = ((grads, total, count),) * micro_batches
+        futures.append(pool.submit(self.apply.lower(trainable, opt_state, terms).compile))
+        return futures
+
     def _merged(self, trainable, frozen):
         """The model with these frozen values (merged once per frozen tuple: its decoder layers' values are
         what the group programs read)."""

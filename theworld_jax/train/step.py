@@ -138,18 +138,30 @@ class TrainStep:
         return encode + [self._update.lower(trainable, opt_state, frozen, rest, media)]
 
     def compile(self, trainable, opt_state, frozen, batch) -> list[jax.stages.Compiled]:
-        """`lower`'s programs compiled at once, each on its own thread (XLA's single-threaded passes over
-        the two overlap); the calls that follow with such arguments find them compiled."""
-        lowered = self.lower(trainable, opt_state, frozen, batch)
-        with ThreadPoolExecutor(len(lowered)) as pool:
-            return list(pool.map(lambda program: program.compile(), lowered))
+        """The step's programs compiled at once, each on its own thread (XLA's single-threaded passes over
+        them overlap); the calls that follow with such arguments find them compiled. The staged update on
+        a mesh of several devices: its forward programs in turn, the rest on threads as soon as the
+        placement of their arguments is known (`StagedUpdate.compile_in_turn`)."""
+        sharding = _media_sharding(_first(batch))
+        if not (self.encode_apart and self.staged and sharding is not None and sharding.mesh.size > 1):
+            lowered = self.lower(trainable, opt_state, frozen, batch)
+            with ThreadPoolExecutor(len(lowered)) as pool:
+                return list(pool.map(lambda program: program.compile(), lowered))
+        inputs, rest = _split_media(batch)
+        with ThreadPoolExecutor() as pool:
+            futures, media = [], None
+            if inputs:
+                encode = self._encoder(sharding).lower(trainable, frozen, inputs)
+                futures.append(pool.submit(encode.compile))
+                media = jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=sharding),
+                                     encode.out_info)
+            futures += self._staged.compile_in_turn(trainable, opt_state, frozen, rest, media, pool)
+            return [future.result() for future in futures]
 
     def _compiles_ahead(self, batch) -> bool:
         """Whether `step` compiles its programs together before the first step of this batch shape: for
-        batches on a mesh (the launcher's), and for the staged update on a one-device mesh only (the
-        arrays between its programs lie where XLA puts them, which only one device makes certain)."""
-        sharding = _media_sharding(_first(batch))
-        return sharding is not None and (not self.staged or sharding.mesh.size == 1)
+        batches on a mesh (the launcher's)."""
+        return _media_sharding(_first(batch)) is not None
 
     def _count(self):
         self.compiles += 1
