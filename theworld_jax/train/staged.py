@@ -125,59 +125,54 @@ class StagedUpdate:
     def lower(self, trainable, opt_state, frozen, batch, media, sharding) -> list[jax.stages.Lowered]:
         """The update's programs lowered for these arguments (arrays, or ShapeDtypeStructs); the arrays
         between programs are taken to lie as `sharding` puts them (a one-device mesh's)."""
-        def abstract(tree):
-            return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+        lowered = []
 
-        inputs_args = (trainable, frozen, batch, media, np.int32(0))
-        (x, (ropes, mask, rows, keep)), inputs_saved = abstract(jax.eval_shape(self.inputs.forward, *inputs_args))
-        lowered = [self.inputs.forward.lower(*inputs_args),
-                   self.inputs.backward.lower(inputs_args, inputs_saved, x)]
-        programs = {}
-        for stage, values, last in self._groups(trainable, frozen):
-            args = (values, x, ropes, mask, rows if last else None)
-            key = (id(stage), _signature(args))
-            (y, _), saved = abstract(jax.eval_shape(stage.forward, *args))
-            if key not in programs:
-                programs[key] = [stage.forward.lower(*args), stage.backward.lower(args, saved, y)]
-            x = y
-        lowered += [program for pair in programs.values() for program in pair]
-        total, count, _ = abstract(jax.eval_shape(self.head, trainable, frozen, batch, np.int32(0), x, keep))
-        lowered.append(self.head.lower(trainable, frozen, batch, np.int32(0), x, keep))
-        grads = abstract(trainable)
-        micro_batches = jax.tree.leaves(batch)[0].shape[0]
-        lowered.append(self.apply.lower(trainable, opt_state, ((grads, total, count),) * micro_batches))
+        def outputs(program, *args):
+            lowered.append(program.lower(*args))
+            return jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=sharding),
+                                jax.eval_shape(program, *args))
+
+        def later(program, *args):
+            lowered.append(program.lower(*args))
+
+        self._walk(trainable, opt_state, frozen, batch, media, outputs, later)
         return lowered
 
     def compile_in_turn(self, trainable, opt_state, frozen, batch, media, pool) -> list:
         """For a mesh of several devices, where the placement of the arrays between the programs is known
-        only once the program that makes them is compiled: the forward programs compiled in turn (the
-        caller's thread), each backward program, the head and the optimizer's submitted to `pool` as soon
-        as their arguments' placement is known. Returns the futures of the submitted compiles."""
-        def compiled_outputs(compiled):
-            return jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=o.sharding),
-                                compiled.out_info)
+        only once the program that makes them is compiled: the programs whose outputs others take compiled
+        in turn (the caller's thread), the backward programs of the groups and the optimizer's submitted to
+        `pool`. Returns the futures of the submitted compiles."""
+        futures = []
 
+        def outputs(program, *args):
+            return jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=o.sharding),
+                                program.lower(*args).compile().out_info)
+
+        def later(program, *args):
+            futures.append(pool.submit(program.lower(*args).compile))
+
+        self._walk(trainable, opt_state, frozen, batch, media, outputs, later)
+        return futures
+
+    def _walk(self, trainable, opt_state, frozen, batch, media, outputs, later) -> None:
+        """The update's programs in the order of a step, for one micro-batch's shapes: `outputs(program,
+        *args)` for those whose outputs others take (it returns them, as ShapeDtypeStructs with their
+        placement), `later(program, *args)` for the others."""
         inputs_args = (trainable, frozen, batch, media, np.int32(0))
-        inputs_forward = self.inputs.forward.lower(*inputs_args).compile()
-        (x, (ropes, mask, rows, keep)), inputs_saved = compiled_outputs(inputs_forward)
-        inputs_backward = pool.submit(self.inputs.backward.lower(inputs_args, inputs_saved, x).compile)
-        futures, forwards = [inputs_backward], {}
+        (x, (ropes, mask, rows, keep)), inputs_saved = outputs(self.inputs.forward, *inputs_args)
+        (grads,) = outputs(self.inputs.backward, inputs_args, inputs_saved, x)
+        forwards = {}
         for stage, values, last in self._groups(trainable, frozen):
             args = (values, x, ropes, mask, rows if last else None)
             key = (id(stage), _signature(args))
             if key not in forwards:
-                forwards[key] = compiled_outputs(stage.forward.lower(*args).compile())
+                forwards[key] = outputs(stage.forward, *args)
                 (y, _), saved = forwards[key]
-                futures.append(pool.submit(stage.backward.lower(args, saved, y).compile))
+                later(stage.backward, args, saved, y)
             (x, _), _ = forwards[key]
-        head = pool.submit(self.head.lower(trainable, frozen, batch, np.int32(0), x, keep).compile)
-        futures.append(head)
-        total, count, _ = compiled_outputs(head.result())
-        (grads,) = compiled_outputs(inputs_backward.result())
-        micro_batches = jax.tree.leaves(batch)[0].shape[0]
-        terms = ((grads, total, count),) * micro_batches
-        futures.append(pool.submit(self.apply.lower(trainable, opt_state, terms).compile))
-        return futures
+        total, count, _ = outputs(self.head, trainable, frozen, batch, np.int32(0), x, keep)
+        later(self.apply, trainable, opt_state, ((grads, total, count),) * jax.tree.leaves(batch)[0].shape[0])
 
     def _merged(self, trainable, frozen):
         """The model with these frozen values (merged once per frozen tuple: its decoder layers' values are

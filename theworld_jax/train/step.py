@@ -72,8 +72,8 @@ class TrainStep:
     batch's images and video (no gradients flow there), then the update (the world projector, the decoder
     forward and backward, the optimizer) on their outputs. When only the world projector trains
     (`staged`), the update itself runs as programs of its stages and their backward
-    (theworld_jax.train.staged). On a new batch shape on a mesh all programs are compiled at once, each
-    on its own thread, so that XLA's single-threaded passes over them overlap (staged: on one device)."""
+    (theworld_jax.train.staged). On a new batch shape on a mesh the programs are compiled together on
+    threads (`compile`), so that XLA's single-threaded passes over them overlap."""
 
     def __init__(self, split: model_lib.SplitModel, optimizer: optax.GradientTransformation, *, layout=None,
                  remat: str = "none"):
@@ -99,14 +99,12 @@ class TrainStep:
         if not self.encode_apart:
             return self._update(trainable, opt_state, frozen, batch, None)
         signature = _signature(batch)
-        if signature not in self._compiled and self._compiles_ahead(batch):
+        if signature not in self._compiled and _media_sharding(_first(batch)) is not None:  # on a mesh
             self.compile(trainable, opt_state, frozen, batch)
             self._compiled.add(signature)
         media = self._encoder(_media_sharding(_first(batch)))(trainable, frozen, inputs) if inputs else None
         if self.staged:
             return self._staged(trainable, opt_state, frozen, rest, media)
-        if media is None:
-            return self._update(trainable, opt_state, frozen, batch, None)
         return self._update(trainable, opt_state, frozen, rest, media)
 
     def evaluate(self, trainable, frozen, batch) -> tuple[jax.Array, jax.Array]:
@@ -133,8 +131,6 @@ class TrainStep:
         if self.staged:
             replicated = None if sharding is None else NamedSharding(sharding.mesh, PartitionSpec())
             return encode + self._staged.lower(trainable, opt_state, frozen, rest, media, replicated)
-        if media is None:
-            return [self._update.lower(trainable, opt_state, frozen, batch, None)]
         return encode + [self._update.lower(trainable, opt_state, frozen, rest, media)]
 
     def compile(self, trainable, opt_state, frozen, batch) -> list[jax.stages.Compiled]:
@@ -157,11 +153,6 @@ class TrainStep:
                                      encode.out_info)
             futures += self._staged.compile_in_turn(trainable, opt_state, frozen, rest, media, pool)
             return [future.result() for future in futures]
-
-    def _compiles_ahead(self, batch) -> bool:
-        """Whether `step` compiles its programs together before the first step of this batch shape: for
-        batches on a mesh (the launcher's)."""
-        return _media_sharding(_first(batch)) is not None
 
     def _count(self):
         self.compiles += 1
