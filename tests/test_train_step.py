@@ -46,7 +46,7 @@ def _one_step(theworld, split, batch, *, encode_apart: bool):
     step = TrainStep(split, optax.adamw(1e-2), layout=model_lib.attention_layout(theworld))
     assert step.encode_apart  # SigLIP, Gemma's projector and the VAE are frozen
     step.encode_apart = encode_apart
-    trainable = jax.tree.map(jnp.copy, split.initial_trainable())  # float32 already: the step donates it
+    trainable = split.initial_trainable()
     mesh = jax.tree.leaves(batch)[0].sharding.mesh
     opt_state = jax.device_put(jax.jit(step.optimizer.init)(trainable), NamedSharding(mesh, PartitionSpec()))
     return step, step.step(trainable, opt_state, split.frozen, batch)
@@ -77,6 +77,15 @@ def test_both_programs_compile_on_the_first_step_only(frozen_encoders):
     trainable, opt_state, metrics = step.step(trainable, opt_state, split.frozen, batch)
     jax.block_until_ready(metrics)
     assert compiled == [] and step.compiles == 1
+
+
+def test_a_step_leaves_the_models_own_parameters_alive(frozen_encoders):
+    """The step donates the trained parameters it takes; those of a float32 model's `initial_trainable` are
+    copies, so the model's own arrays survive the step."""
+    theworld, split, batch = frozen_encoders
+    _one_step(theworld, split, batch, encode_apart=True)
+    for path, value in jax.tree_util.tree_leaves_with_path(split.template):
+        assert not value.is_deleted(), jax.tree_util.keystr(path)
 
 
 def test_evaluate_runs_the_steps_encoders(frozen_encoders):
@@ -155,7 +164,7 @@ def _two_steps(theworld, split, batch, *, staged: bool, remat: str = "none", com
     step = TrainStep(split, optax.adamw(1e-2), layout=model_lib.attention_layout(theworld), remat=remat)
     assert step.staged  # only the world projector trains
     step.staged = staged
-    trainable = jax.tree.map(jnp.copy, split.initial_trainable())
+    trainable = split.initial_trainable()
     mesh = jax.tree.leaves(batch)[0].sharding.mesh
     opt_state = jax.device_put(jax.jit(step.optimizer.init)(trainable), NamedSharding(mesh, PartitionSpec()))
     after = []

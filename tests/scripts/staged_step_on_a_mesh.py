@@ -34,7 +34,7 @@ for staged in (True, False):
     step = TrainStep(split, optax.adamw(1e-2), layout=model_lib.attention_layout(theworld))
     assert step.staged
     step.staged = staged
-    trainable = jax.tree.map(jnp.copy, split.initial_trainable())
+    trainable = split.initial_trainable()
     opt_state = jax.device_put(jax.jit(step.optimizer.init)(trainable), NamedSharding(mesh, PartitionSpec()))
     first_step = None
     for _ in range(2):

@@ -117,7 +117,10 @@ class SplitModel:
     frozen: tuple
 
     def initial_trainable(self) -> dict[str, jax.Array]:
-        return {param_path(p): v.get_value().astype(jnp.float32) for p, v in nnx.to_flat_state(self.template)}
+        """{path: float32 copy} of the trained parameters: new arrays even where the model is float32
+        already, since the training step donates them and the model's own must survive it."""
+        return {param_path(p): jnp.array(v.get_value(), dtype=jnp.float32, copy=True)
+                for p, v in nnx.to_flat_state(self.template)}
 
     def merge(self, trainable: dict[str, jax.Array], frozen: tuple | None = None, *,
               cast: bool = False) -> nnx.Module:
