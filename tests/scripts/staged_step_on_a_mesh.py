@@ -5,7 +5,6 @@ step's parameters and metrics with the batch and the model sharded over a (data 
 forms the second step compiles nothing (the update keeps the parameters' placement). Prints OK on success."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
