@@ -62,7 +62,8 @@ def kernel_kind(name: str) -> str:
 
 def kernel_table(trace_dir: str) -> dict:
     """Kernels of the GPU planes of a jax.profiler trace: per hlo_op and per kernel name total ns and count,
-    ns per kernel_kind, the busy span."""
+    ns per kernel_kind, the busy span, and the idle time between kernels (`gaps`: total ns, and the 30
+    longest with the kernels on either side)."""
     import collections
     import glob
 
@@ -72,7 +73,7 @@ def kernel_table(trace_dir: str) -> dict:
     data = ProfileData.from_file(paths[0])
     ops, names = collections.defaultdict(lambda: [0, 0]), collections.defaultdict(lambda: [0, 0])
     kinds, lines, starts, ends = collections.defaultdict(lambda: [0, 0]), {}, [], []
-    kernels_ns = 0
+    kernels_ns, timeline = 0, []
     for plane in data.planes:
         if not plane.name.startswith("/device:GPU"):
             continue
@@ -90,10 +91,31 @@ def kernel_table(trace_dir: str) -> dict:
                 kernels_ns += int(e.duration_ns)
                 starts.append(e.start_ns)
                 ends.append(e.start_ns + e.duration_ns)
+                timeline.append((e.start_ns, e.start_ns + e.duration_ns, e.name))
     span = (max(ends) - min(starts)) if starts else 0
     top = lambda table, n=None: dict(sorted(table.items(), key=lambda kv: -kv[1][0])[:n])  # noqa: E731
     return dict(lines=lines, kernels_ns=kernels_ns, span_ns=int(span), kernel_count=sum(v[1] for v in ops.values()),
-                kinds=top(kinds), names=top(names, 60), ops=top(ops))
+                kinds=top(kinds), names=top(names, 60), ops=top(ops), gaps=_gaps(timeline))
+
+
+def _gaps(timeline: list[tuple[int, int, str]], top: int = 30) -> dict:
+    """Idle time between consecutive kernels of (start_ns, end_ns, name) events on any stream: the total,
+    a histogram (gaps under 2 us, 2-10 us, 10-100 us, longer: [count, ns]) and the `top` longest."""
+    timeline = sorted(timeline)
+    found, end, last = [], None, None
+    for start, stop, name in timeline:
+        if end is not None and start > end:
+            found.append((start - end, last, name))
+        if end is None or stop > end:
+            end, last = stop, name
+    bins = {"<2us": [0, 0], "2-10us": [0, 0], "10-100us": [0, 0], ">=100us": [0, 0]}
+    for ns, _, _ in found:
+        key = "<2us" if ns < 2e3 else "2-10us" if ns < 1e4 else "10-100us" if ns < 1e5 else ">=100us"
+        bins[key][0] += 1
+        bins[key][1] += int(ns)
+    longest = sorted(found, key=lambda g: -g[0])[:top]
+    return dict(total_ns=int(sum(g[0] for g in found)), bins=bins,
+                longest=[[int(ns), before[:120], after[:120]] for ns, before, after in longest])
 
 
 def host_trace(trace_dir: str):
