@@ -210,11 +210,13 @@ def test_staged_programs_compile_on_the_first_step_only(projector_only):
     assert compiled[first_step:] == [] and step.compiles == 1, compiled[first_step:]
 
 
-def test_staged_residuals_leave_out_the_arguments():
+def test_staged_residuals_leave_out_the_arguments(monkeypatch):
     """A stage's forward saves the activations its backward needs, not the (frozen) weights it read: those
     are arguments of the backward program already; its backward gives jax.vjp's cotangent."""
+    from theworld_jax.train import staged
     from theworld_jax.train.staged import Staged
 
+    monkeypatch.setattr(staged, "SMALL_RESIDUAL", 0)  # each residual returned as it is
     w, v = jnp.arange(24.0).reshape(4, 6) / 24, jnp.arange(18.0).reshape(6, 3) / 18
     x = jnp.linspace(-1, 1, 8).reshape(2, 4)
     stage = Staged(lambda w, v, x: (jnp.tanh(x @ w) @ v, None), (2,), "toy")
@@ -223,6 +225,28 @@ def test_staged_residuals_leave_out_the_arguments():
     dy = jnp.ones_like(y)
     (dx,) = stage.backward((w, v, x), saved, dy)
     expected = jax.vjp(lambda x: jnp.tanh(x @ w) @ v, x)[1](dy)[0]
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(expected), rtol=1e-6)
+
+
+def test_staged_packs_small_residuals_one_array_per_dtype():
+    """Residuals of at most SMALL_RESIDUAL values (slice offsets, small activations) come back as one
+    array per dtype, not one output each; the backward unpacks them and gives jax.vjp's cotangent."""
+    from theworld_jax.train.staged import Staged
+
+    def fn(x):
+        y = jnp.zeros(())
+        for i in range(3):  # three "layers", each with its own offset and activation residuals
+            start = (jnp.argmax(x) + i) % 8
+            y = y + jnp.sum(jnp.tanh(jax.lax.dynamic_slice(x, (start,), (4,))) * (i + 1))
+        return y, None
+
+    x = jnp.linspace(-1, 1, 16) ** 3
+    stage = Staged(fn, (0,), "toy")
+    (y, _), saved = stage.forward(x)
+    assert sorted(str(s.dtype) for s in saved) == ["float32", "int32"], [(s.shape, s.dtype) for s in saved]
+    assert all(s.ndim == 1 for s in saved)
+    (dx,) = stage.backward((x,), saved, jnp.ones_like(y))
+    expected = jax.vjp(lambda x: fn(x)[0], x)[1](jnp.ones_like(y))[0]
     np.testing.assert_allclose(np.asarray(dx), np.asarray(expected), rtol=1e-6)
 
 

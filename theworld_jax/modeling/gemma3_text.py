@@ -60,7 +60,7 @@ class Gemma3Attention(nnx.Module):
     def __call__(self, x, rope: tuple[jax.Array, jax.Array], mask: AttentionMask, cache: LayerCache | None,
                  keep: jax.Array | None = None, *, prefilled: bool, implementation: str | None,
                  twin: bool = False) -> tuple[jax.Array, LayerCache | None]:
-        """x (B,T,D), rope (cos, sin) (B,T,H) -> ((B,T,D), updated cache or None). keep (B,K) int32 or
+        """x (B,T,D), rope (cos, sin) (B,T,1,H) -> ((B,T,D), updated cache or None). keep (B,K) int32 or
         None: queries only at these positions (every token is still a key) -> (B,K,D). twin: x and rope
         are (1,2,...), two copies of the mask's one token (see Gemma3TextDecoder)."""
         cos, sin = rope

@@ -197,17 +197,20 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
 
 
 def rope_tables(positions: jax.Array, rope: RopeConfig, head_dim: int, dtype) -> tuple[jax.Array, jax.Array]:
-    """positions (B, L) int -> (cos, sin), each (B, L, head_dim), computed in float32, cast to dtype."""
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(rope, head_dim))
+    """positions (B, L) int -> (cos, sin), each (B, L, 1, head_dim) (one row for every head), computed in
+    float32, cast to dtype. The head axis is there already so that `apply_rope`'s VJP saves the tables
+    themselves: a staged program (theworld_jax.train.staged) returns its VJP's residuals, and an expanded
+    copy of an argument is a residual it must write out."""
+    freqs = positions.astype(jnp.float32)[..., None, None] * jnp.asarray(rope_inv_freq(rope, head_dim))
     angles = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Half-split rotation. x (B, L, N, H), cos/sin (B, L, H) -> (B, L, N, H)."""
+    """Half-split rotation. x (B, L, N, H), cos/sin (B, L, 1, H) -> (B, L, N, H)."""
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return x * cos + rotated * sin
 
 
 class GatedMLP(nnx.Module):

@@ -21,18 +21,24 @@ import functools
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from theworld_jax import jit
 from theworld_jax.modeling.fusion import causal_lm_loss_terms_at
 from theworld_jax.modeling.gemma3_text import REMAT_POLICIES, check_remat
 
+# Residuals of at most this many values are returned packed, one array per dtype: a program's outputs are
+# buffers of their own, so each small one (the group programs' slice offsets, the same scalar for every
+# layer) was a copy kernel of its own, about fifty per group program.
+SMALL_RESIDUAL = 4096
+
 
 class Staged:
     """`fn(*args) -> (y, aux)` as two programs: `forward(*args) -> ((y, aux), saved)`, the residuals of y's
     VJP with respect to `args[i]` for i in `argnums` that are neither arguments themselves (the frozen weights
-    are read again, not copied) nor constants, and `backward(args, saved, dy)`, the cotangents of those
-    arguments."""
+    are read again, not copied) nor constants (those of up to SMALL_RESIDUAL values packed into one array per
+    dtype), and `backward(args, saved, dy)`, the cotangents of those arguments."""
 
     def __init__(self, fn: Callable, argnums: tuple[int, ...], name: str, compiler_options: dict | None = None):
         self.fn = fn
@@ -60,25 +66,47 @@ class Staged:
         y, pullback, aux = jax.vjp(differentiated, *(args[i] for i in self.argnums), has_aux=True)
         leaves, tree = jax.tree.flatten(pullback)
         inputs = {id(x): i for i, x in enumerate(jax.tree.leaves(args))}
-        sources, saved, seen = [], [], {}
+        sources, saved, small, seen = [], [], {}, {}
         for leaf in leaves:
             if id(leaf) in inputs:
-                sources.append(("input", inputs[id(leaf)]))
+                source = ("input", inputs[id(leaf)])
             elif not isinstance(leaf, jax.core.Tracer):  # a constant: kept in the plan, not returned
-                sources.append(("constant", leaf))
+                source = ("constant", leaf)
+            elif id(leaf) in seen:
+                source = seen[id(leaf)]
+            elif leaf.size == 0:  # e.g. cuDNN's empty placeholders: made again in the backward
+                source = ("empty", (leaf.shape, leaf.dtype))
+            elif leaf.size <= SMALL_RESIDUAL:
+                group = small.setdefault(leaf.dtype, [])
+                source = ("packed", (leaf.dtype, sum(x.size for x in group), leaf.shape))
+                group.append(leaf)
             else:
-                if id(leaf) not in seen:
-                    seen[id(leaf)] = len(saved)
-                    saved.append(leaf)
-                sources.append(("saved", seen[id(leaf)]))
-        self._plans[_signature(args)] = (tree, tuple(sources))
+                source = ("saved", len(saved))
+                saved.append(leaf)
+            seen[id(leaf)] = source
+            sources.append(source)
+        packs = {dtype: len(saved) + i for i, dtype in enumerate(small)}
+        saved += [jnp.concatenate([x.ravel() for x in group]) for group in small.values()]
+        self._plans[_signature(args)] = (tree, tuple(sources), packs)
         return (y, aux), tuple(saved)
 
     def _backward(self, args, saved, dy):
-        tree, sources = self._plans[_signature(args)]
+        tree, sources, packs = self._plans[_signature(args)]
         inputs = jax.tree.leaves(args)
-        values = {"input": inputs, "saved": saved}
-        pullback = jax.tree.unflatten(tree, [ref if kind == "constant" else values[kind][ref] for kind, ref in sources])
+
+        def value(kind, ref):
+            if kind == "input":
+                return inputs[ref]
+            if kind == "saved":
+                return saved[ref]
+            if kind == "empty":
+                return jnp.zeros(*ref)
+            if kind == "packed":
+                dtype, offset, shape = ref
+                return saved[packs[dtype]][offset:offset + int(np.prod(shape))].reshape(shape)
+            return ref  # a constant
+
+        pullback = jax.tree.unflatten(tree, [value(kind, ref) for kind, ref in sources])
         return pullback(dy)
 
 
