@@ -72,11 +72,10 @@ def _write(out: jax.Array, rows: jax.Array, start: jax.Array, keep: jax.Array) -
     pad = [(0, 0), (length, length)] + [(0, 0)] * (out.ndim - 2)
     padded = jnp.pad(out, pad)
     rest = (0,) * (out.ndim - 2)
-    keep = keep.reshape(keep.shape + (1,) * (out.ndim - 2))
     for i in range(b):
         at = (i, start[i] + length) + rest
         region = jax.lax.dynamic_slice(padded, at, (1,) + rows.shape[1:])
-        padded = jax.lax.dynamic_update_slice(padded, jnp.where(keep[i:i + 1], rows[i:i + 1], region), at)
+        padded = jax.lax.dynamic_update_slice(padded, _select(keep[i:i + 1], rows[i:i + 1], region), at)
     return padded[:, length:length + out.shape[1]]
 
 
@@ -142,27 +141,32 @@ def interval_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Attention
         rows, at, keep = _block_rows(qr, kr, vr, s, e, bound, attend, window, multiple, band)
         out = _write(out, rows, at, keep)
     out = _window(out, -first, t) if mask.layout.left_padding else out[:, :t]
-    out = _keep_rows(out, mask.k_valid, 0.0)
-    return _keep_rows(out, jnp.broadcast_to(ok[:, None], mask.k_valid.shape), float("nan"))
+    out = _select(mask.k_valid, out, jnp.zeros_like(out))
+    return _select(ok[:, None], out, jnp.full_like(out, jnp.nan))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _keep_rows(x: jax.Array, keep: jax.Array, fill: float) -> jax.Array:
-    """x (B, T, ...) where keep (B, T), else `fill`. Its backward saves keep as it is: autodiff of the
-    select saves its predicate broadcast to x's shape (B, T, N, H), which a program returning its VJP's
-    residuals writes out (theworld_jax.train.staged)."""
-    return jnp.where(keep.reshape(keep.shape + (1,) * (x.ndim - 2)), x, jnp.asarray(fill, x.dtype))
+@jax.custom_vjp
+def _select(keep: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """a where keep, else b: a and b (B, T, ...) of one shape, keep (B, T) or (B, 1) bool. Its backward
+    saves keep as it is: autodiff of the select saves its predicate broadcast to a's shape (B, T, N, H),
+    which a program returning its VJP's residuals writes out (theworld_jax.train.staged)."""
+    return jnp.where(_expand(keep, a), a, b)
 
 
-def _keep_rows_forward(x, keep, fill):
-    return _keep_rows(x, keep, fill), keep
+def _expand(keep: jax.Array, x: jax.Array) -> jax.Array:
+    return keep.reshape(keep.shape + (1,) * (x.ndim - keep.ndim))
 
 
-def _keep_rows_backward(fill, keep, grad):
-    return _keep_rows(grad, keep, 0.0), None
+def _select_forward(keep, a, b):
+    return _select(keep, a, b), keep
 
 
-_keep_rows.defvjp(_keep_rows_forward, _keep_rows_backward)
+def _select_backward(keep, grad):
+    keep, zero = _expand(keep, grad), jnp.zeros((), grad.dtype)
+    return None, jnp.where(keep, grad, zero), jnp.where(keep, zero, grad)
+
+
+_select.defvjp(_select_forward, _select_backward)
 
 
 def _attend(q, k, v, *, scale, backend, band=False, **kw):
