@@ -148,6 +148,30 @@ def host_event_table(trace_dir: str, top: int = 60) -> dict:
     return {name: [round(ms, 1), count] for name, (ms, count) in ranked}
 
 
+def host_timeline(trace_dir: str, min_us: float = 50.0, limit: int = 400) -> list:
+    """The host threads' events of at least `min_us` in a jax.profiler trace, in time order: [start in us
+    from the first GPU kernel, duration in us, thread, name] (at most `limit`): where the host spent the
+    time the device waited for it."""
+    import glob
+
+    from jax.profiler import ProfileData
+
+    paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    host, first = [], None
+    for plane in ProfileData.from_file(paths[0]).planes:
+        for line in plane.lines:
+            for e in line.events:
+                if plane.name.startswith("/device:GPU"):
+                    if line.name.startswith("Stream"):
+                        first = e.start_ns if first is None else min(first, e.start_ns)
+                elif e.duration_ns >= min_us * 1e3:
+                    host.append((e.start_ns, e.duration_ns, line.name, e.name))
+    host.sort()
+    first = first or 0
+    return [[round((t - first) / 1e3, 1), round(d / 1e3, 1), thread[:40], name[:120]]
+            for t, d, thread, name in host[:limit]]
+
+
 def trace_call(fn, wait, name: str) -> None:
     """With BENCH_TRACE=DIR set: one more call of fn under jax.profiler, its kernel table written to
     DIR/kernels_<name>.json and summed per kind in the log. Without it: nothing."""
@@ -163,6 +187,8 @@ def trace_call(fn, wait, name: str) -> None:
         with jax.profiler.trace(trace_dir):
             wait(fn())
         table = kernel_table(trace_dir)
+        table["host"] = host_event_table(trace_dir, top=40)
+        table["host_timeline"] = host_timeline(trace_dir)
     with open(os.path.join(directory, f"kernels_{name}.json"), "w") as f:
         json.dump(table, f, indent=1)
     kinds = ", ".join(f"{k} {v[0] / 1e6:.1f} ms ({v[1]})" for k, v in table["kinds"].items())

@@ -160,11 +160,12 @@ def jax_worker(args) -> dict:
     setup_s = time.perf_counter() - t0
     prepared = [loop.local_batch(run, s) for s in range(args.steps)]
     params, opt_state = state["params"], state["opt_state"]
-    times, losses = [], []
+    times, dispatch, losses = [], [], []
     for local, _ in prepared:
         batch = loop.to_global(run.mesh, local)
         t0 = time.perf_counter()
         params, opt_state, out = run.train_step.step(params, opt_state, run.split.frozen, batch)
+        dispatch.append(time.perf_counter() - t0)
         jax.block_until_ready((params, out))
         times.append(time.perf_counter() - t0)
         losses.append(float(out["loss"]))
@@ -181,6 +182,7 @@ def jax_worker(args) -> dict:
     result = {"side": "jax", "batch": args.batch, "remat": args.remat, "variant": args.variant,
               "setup_s": setup_s, "first_step_s": times[0],
               "step_s": times[1:], "median_step_s": statistics.median(times[1:] or times), "losses": losses,
+              "median_dispatch_s": statistics.median(dispatch[1:] or dispatch),
               "window_step_s": window_step_s if args.window else None, "fused_tokens_per_row": tokens / args.batch, "padded_length": run.sampler.step(0).length,
               "world_tokens": world, "image_tokens": run.theworld.gemma_config.mm_tokens_per_image,
               "keep": run.keep, "target_tokens_per_row": int(out["target_tokens"]) / args.batch,
