@@ -23,6 +23,13 @@ Thirteenth session: `no_dot_merger` compiles the step with the library's options
 `xla_gpu_dot_merger_threshold_mb=0` (no per-step concatenation of the frozen q/k/v weights, no slices of
 the merged GEMM's output: 2.6 -> 0.75 GiB of copies per B=1 step in the deviceless compile); on the card
 the B=1 step did not move (140.2 -> 140.0 ms, bench/results/train_gpu.md), so the library keeps the merger.
+
+Fourteenth session, the host's time per step: `no_command_buffers` compiles every program of the step
+without XLA's command buffers (CUDA graphs; `xla_gpu_enable_command_buffer` empty), `encode_no_command_buffers`
+only the encoders' program. On the card a B=1 step's dispatch took 42 ms of the host's time; in the traced
+step 27.8 ms went to `command_buffer::update` (each staged program's graph updated for its new buffers on
+every call), and the device waited 1.4 ms (4.0 traced) at the step's start for the encoders' graph
+(bench/results/train_gpu.md).
 """
 
 from __future__ import annotations
@@ -85,6 +92,26 @@ def _one_program():
     step.PROJECTOR = re.compile(r"(?!)")  # matches no path: TrainStep.staged is false
 
 
+def _no_command_buffers():
+    from theworld_jax.train import step
+
+    step.COMPILER_OPTIONS = {**step.COMPILER_OPTIONS, "xla_gpu_enable_command_buffer": ""}
+
+
+def _encode_no_command_buffers():
+    from theworld_jax.train import step
+
+    options = {**step.COMPILER_OPTIONS, "xla_gpu_enable_command_buffer": ""}
+
+    def encoder(self, sharding):
+        if sharding not in self._encoders:
+            placement = {} if sharding is None else {"out_shardings": sharding}
+            self._encoders[sharding] = jax.jit(self._encode, compiler_options=options, **placement)
+        return self._encoders[sharding]
+
+    step.TrainStep._encoder = encoder
+
+
 def _pad(multiple: int):
     def patch():
         from theworld_jax import interval_attention as ia
@@ -95,7 +122,8 @@ def _pad(multiple: int):
 
 PATCHES = {"dot_merger": _dot_merger, "autodiff_norm": _autodiff_norm, "gelu_aux": _gelu_aux,
            "siglip_2d_bias": _siglip_2d_bias, "reversed_blocks": _reversed_blocks, "pad16": _pad(16),
-           "pad64": _pad(64), "one_program": _one_program, "no_dot_merger": _no_dot_merger}
+           "pad64": _pad(64), "one_program": _one_program, "no_dot_merger": _no_dot_merger,
+           "no_command_buffers": _no_command_buffers, "encode_no_command_buffers": _encode_no_command_buffers}
 CENSUS = ("dot_merger", "autodiff_norm", "gelu_aux", "siglip_2d_bias")
 VARIANTS = {"plain": (), "before": CENSUS, **{name: (name,) for name in PATCHES}}
 
