@@ -101,13 +101,14 @@ def _no_command_buffers():
 def _encode_no_command_buffers():
     from theworld_jax.train import step
 
-    options = {**step.COMPILER_OPTIONS, "xla_gpu_enable_command_buffer": ""}
+    library_encoder, options = step.TrainStep._encoder, step.COMPILER_OPTIONS
 
-    def encoder(self, sharding):
-        if sharding not in self._encoders:
-            placement = {} if sharding is None else {"out_shardings": sharding}
-            self._encoders[sharding] = jax.jit(self._encode, compiler_options=options, **placement)
-        return self._encoders[sharding]
+    def encoder(self, sharding):  # the library's, with the options swapped while it builds its program
+        step.COMPILER_OPTIONS = {**options, "xla_gpu_enable_command_buffer": ""}
+        try:
+            return library_encoder(self, sharding)
+        finally:
+            step.COMPILER_OPTIONS = options
 
     step.TrainStep._encoder = encoder
 
