@@ -30,10 +30,15 @@ only the encoders' program. On the card a B=1 step's dispatch took 42 ms of the 
 step 27.8 ms went to `command_buffer::update` (each staged program's graph updated for its new buffers on
 every call), and the device waited 1.4 ms (4.0 traced) at the step's start for the encoders' graph
 (bench/results/train_gpu.md).
+
+Fifteenth session: `skip_temp_updates` runs the process with `--xla_gpu_command_buffer_update_mode=SKIP_TEMP`
+(XLA re-maps the temporary buffers' addresses instead of updating each graph for them; it switches XLA to its
+VMM allocator).
 """
 
 from __future__ import annotations
 
+import os
 import re
 
 import jax
@@ -113,6 +118,12 @@ def _encode_no_command_buffers():
     step.TrainStep._encoder = encoder
 
 
+def _process_flag(flag: str):
+    def patch():  # before the worker's first device call, when XLA reads $XLA_FLAGS
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+    return patch
+
+
 def _pad(multiple: int):
     def patch():
         from theworld_jax import interval_attention as ia
@@ -124,7 +135,8 @@ def _pad(multiple: int):
 PATCHES = {"dot_merger": _dot_merger, "autodiff_norm": _autodiff_norm, "gelu_aux": _gelu_aux,
            "siglip_2d_bias": _siglip_2d_bias, "reversed_blocks": _reversed_blocks, "pad16": _pad(16),
            "pad64": _pad(64), "one_program": _one_program, "no_dot_merger": _no_dot_merger,
-           "no_command_buffers": _no_command_buffers, "encode_no_command_buffers": _encode_no_command_buffers}
+           "no_command_buffers": _no_command_buffers, "encode_no_command_buffers": _encode_no_command_buffers,
+           "skip_temp_updates": _process_flag("--xla_gpu_command_buffer_update_mode=SKIP_TEMP")}
 CENSUS = ("dot_merger", "autodiff_norm", "gelu_aux", "siglip_2d_bias")
 VARIANTS = {"plain": (), "before": CENSUS, **{name: (name,) for name in PATCHES}}
 
