@@ -36,17 +36,17 @@ from flax import nnx  # noqa: E402
 from bench.common import hf_config, kernel_table, log  # noqa: E402
 from bench.generation_gpu import copy_bandwidth, random_model, tree_bytes  # noqa: E402
 
-from theworld_jax import attention, decode_attention, generation, sampling  # noqa: E402
+from theworld_jax import attention, decode_attention, generation, jit, sampling  # noqa: E402
 from theworld_jax.config.gemma3 import Gemma3Config  # noqa: E402
 from theworld_jax.modeling import gemma3_text  # noqa: E402
 from theworld_jax.modeling.gemma3 import Gemma3Model  # noqa: E402
 from theworld_jax.modeling.kv_cache import KVCache  # noqa: E402
 
-# XLA:GPU command buffers (CUDA graphs) for everything in the loop, the while loop itself included.
+# XLA options on top of the library's (theworld_jax.jit.DECODE_LOOP_OPTIONS: the whole loop as one CUDA graph).
 VARIANTS = {
     "plain": {},
-    "graph": {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,CONDITIONAL,WHILE",
-              "xla_gpu_graph_min_graph_size": 1},
+    # XLA's default kinds: the loop on the host, which reads its predicate back and launches the body's graph
+    "host_loop": {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,DYNAMIC_SLICE_FUSION"},
     "graph_body": {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL",
                    "xla_gpu_graph_min_graph_size": 1},  # graphs for the loop body's kernels, the loop on the host
     "cublas": {"xla_gpu_enable_triton_gemm": False},  # every matrix product through cuBLAS, none through Triton
@@ -105,12 +105,12 @@ def synthetic_state(cfg, batch: int, length: int, pad: int, capacity: int, seed:
 
 
 def decode_program(graphdef, sampling_config, options: dict):
-    """The library's decode loop, jitted with `options` as XLA compiler options (state donated)."""
+    """The library's decode loop, jitted with the library's XLA options updated by `options` (state donated)."""
     def run(params, state, limit, temperature, top_p, eos):
         lm = nnx.merge(graphdef, params).language_model
         return generation._decode(lm, state, limit, temperature, top_p, eos, sampling=sampling_config,
                                   pad_token_id=0)
-    return jax.jit(run, donate_argnums=1, compiler_options=options or None)
+    return jax.jit(run, donate_argnums=1, compiler_options={**jit.DECODE_LOOP_OPTIONS, **options})
 
 
 def time_decode(args, graphdef, params, cfg, batch: int, variant: str, out_dir: str) -> dict:
@@ -295,6 +295,7 @@ def main(argv=None) -> int:
                 continue
             patch = PATCHES.get(variant)
             saved = patch and getattr(patch[0], patch[1])
+            jax.clear_caches()  # the layers' traced programs (jit.shared_call) are cached: trace each variant anew
             try:
                 if patch:
                     setattr(patch[0], patch[1], patch[2])

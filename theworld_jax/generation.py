@@ -27,7 +27,7 @@ from flax import nnx, struct
 
 from theworld_jax.attention import Layout, block_layout, make_attention_mask, make_decode_mask
 from theworld_jax.inputs import Batch
-from theworld_jax.jit import LARGE_PROGRAM_OPTIONS, jit_module
+from theworld_jax.jit import DECODE_LOOP_OPTIONS, LARGE_PROGRAM_OPTIONS, jit_module
 from theworld_jax.modeling.kv_cache import KVCache
 from theworld_jax.sampling import SamplingConfig, choose
 
@@ -130,7 +130,8 @@ class Decoding:
 
     def __init__(self, lm: nnx.Module, state: DecodeState, prompt_ids: np.ndarray, max_new_tokens: int,
                  static: dict, dynamic: tuple):
-        self._decode = jit_module(_decode, lm, static_argnames=tuple(static), donate_argnames=("state",))
+        self._decode = jit_module(_decode, lm, static_argnames=tuple(static), donate_argnames=("state",),
+                                  compiler_options=DECODE_LOOP_OPTIONS)
         self._state = state
         self._prompt = prompt_ids
         self.max_new_tokens = max_new_tokens

@@ -143,6 +143,14 @@ def _shared_program(graphdef, paths: tuple, name: str, method: str, remat_policy
 # Other backends ignore the options.
 LARGE_PROGRAM_OPTIONS = {"xla_gpu_enable_triton_gemm": False, "xla_gpu_experimental_enable_fusion_autotuner": False}
 
+# The decode loop's program: XLA's default command-buffer kinds plus the while loop and its conditional, so
+# the whole loop runs as one CUDA graph (CUDA's conditional nodes) instead of a graph launch per step after
+# the host reads the loop's predicate back. On an H200 (fifteenth session, bench/results/decode_profile.md):
+# 3.005 -> 2.956 ms/step at batch 1 and 3.370 -> 3.347 at batch 8 in one process, 3.017 -> 2.963 and
+# 3.417 -> 3.358 in another (each variant traced and compiled in turn).
+DECODE_LOOP_OPTIONS = {"xla_gpu_enable_command_buffer":
+                       "FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,DYNAMIC_SLICE_FUSION,CONDITIONAL,WHILE"}
+
 # XLA flags that take effect only for the whole process: on an H200 the fusion autotuner's switch as a
 # program's option left the training step's update at 23.4 s of XLA compile, as $XLA_FLAGS at 17.3 s
 # (the card still ran the autotuner's pass; bench/results/compile_gpu.md, eleventh session).
