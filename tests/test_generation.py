@@ -12,6 +12,7 @@ from PIL import Image
 
 from theworld_jax import generation, sampling
 from theworld_jax.inputs import InputSpec, prepare_batch
+from theworld_jax.jit import DECODE_LOOP_OPTIONS
 from theworld_jax.weights.gemma3_keys import load_gemma3
 from tests.helpers.tiny_gemma import build_processor, build_tiny_gemma3, save_tiny_gemma3, tiny_gemma3_config
 
@@ -283,6 +284,20 @@ def test_ten_prompt_lengths_compile_a_few_programs(tiny, monkeypatch):
     assert buckets == {32, 64}
     for program in ("_prefill", "_decode"):
         assert 1 <= traces[program] <= len(buckets)
+
+
+def test_the_decode_loop_compiles_as_one_graph(tiny, text_inputs, monkeypatch):
+    """The decode program asks XLA for command buffers that take the while loop and its condition (on a GPU
+    the loop runs as one CUDA graph; other backends ignore the option)."""
+    _, processor, model = tiny
+    built = []
+    jit_module = generation.jit_module
+    monkeypatch.setattr(generation, "jit_module",
+                        lambda fn, *args, **kw: built.append((fn, kw)) or jit_module(fn, *args, **kw))
+    generation.start(model, gemma_batch(model, text_inputs), max_new_tokens=2, vocab_limit=len(processor.tokenizer))
+    options = [kw.get("compiler_options") for fn, kw in built if fn is generation._decode]
+    assert options == [DECODE_LOOP_OPTIONS]
+    assert {"WHILE", "CONDITIONAL"} <= set(options[0]["xla_gpu_enable_command_buffer"].split(","))
 
 
 class IdText:
