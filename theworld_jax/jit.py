@@ -12,7 +12,8 @@ under an outer jit a decoder's identical layers are traced and lowered once inst
 jit each call runs that program, so a forward run stage by stage compiles each kind of stage once.
 
 `LARGE_PROGRAM_OPTIONS` are the XLA options of programs over whole sequences (`jit_module(...,
-compiler_options=)`; `with compiler_options(...)` for the programs shared_call runs outside jit).
+compiler_options=)`; `with compiler_options(...)` for the programs shared_call runs outside jit);
+`DECODE_LOOP_OPTIONS` those of the decode loop (the whole loop as one CUDA graph on a GPU).
 
 `enable_compilation_cache()` turns on JAX's persistent compilation cache (the command lines do, unless
 --no-compile-cache): a second launch with the same shapes loads its programs instead of compiling them.
