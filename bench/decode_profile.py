@@ -42,11 +42,15 @@ from theworld_jax.modeling import gemma3_text  # noqa: E402
 from theworld_jax.modeling.gemma3 import Gemma3Model  # noqa: E402
 from theworld_jax.modeling.kv_cache import KVCache  # noqa: E402
 
+# The library's command-buffer kinds without the loop's: XLA's defaults (the loop on the host, which reads its
+# predicate back and launches the body's graph every step).
+_BODY_KINDS = ",".join(kind for kind in jit.DECODE_LOOP_OPTIONS["xla_gpu_enable_command_buffer"].split(",")
+                       if kind not in ("CONDITIONAL", "WHILE"))
+
 # XLA options on top of the library's (theworld_jax.jit.DECODE_LOOP_OPTIONS: the whole loop as one CUDA graph).
 VARIANTS = {
     "plain": {},
-    # XLA's default kinds: the loop on the host, which reads its predicate back and launches the body's graph
-    "host_loop": {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,DYNAMIC_SLICE_FUSION"},
+    "host_loop": {"xla_gpu_enable_command_buffer": _BODY_KINDS},
     "graph_body": {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL",
                    "xla_gpu_graph_min_graph_size": 1},  # graphs for the loop body's kernels, the loop on the host
     "cublas": {"xla_gpu_enable_triton_gemm": False},  # every matrix product through cuBLAS, none through Triton
