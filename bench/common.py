@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import shutil
 import statistics
+import subprocess
+import tempfile
 import time
 
 from tests.helpers.full_size import GEMMA3_4B_CONFIG  # noqa: F401 (re-exported for the GPU scripts)
@@ -16,6 +20,64 @@ _T0 = time.perf_counter()
 
 def log(message: str) -> None:
     print(f"[{time.perf_counter() - _T0:7.1f}s] {message}", flush=True)
+
+
+class ClockLog:
+    """The GPU's SM clock, power draw and throttle reasons, sampled by `nvidia-smi` every `interval_ms` in
+    the background while the context is open. `summary(start, end)` describes the samples between two
+    `time.time()` stamps. Without nvidia-smi (CPU runs) nothing is sampled and every summary is None.
+
+    The sixteenth session found the training step at the H200's 700 W limit, its SM clock 16-22 % below the
+    top one (bench/results/train_gpu.md): step times from different calls compare only with their clocks."""
+
+    QUERY = "timestamp,clocks.sm,power.draw,clocks_event_reasons.active"
+    SW_POWER_CAP = 0x4  # nvidia-smi's clocks_event_reasons bit: the driver lowered the clock for power
+
+    def __init__(self, interval_ms: int = 100):
+        self.interval_ms = interval_ms
+        self._process = self._file = None
+
+    def __enter__(self) -> "ClockLog":
+        if shutil.which("nvidia-smi"):
+            self._file = tempfile.NamedTemporaryFile("w+", suffix=".csv", prefix="clocks_")
+            self._process = subprocess.Popen(
+                ["nvidia-smi", f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits", "-i", "0",
+                 "-lms", str(self.interval_ms)], stdout=self._file, stderr=subprocess.DEVNULL)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait()
+
+    def summary(self, start: float, end: float) -> dict | None:
+        if self._file is None:
+            return None
+        self._file.flush()
+        with open(self._file.name) as f:
+            return clock_summary(f.read().splitlines(), start, end)
+
+
+def clock_summary(lines: list[str], start: float, end: float) -> dict | None:
+    """Median SM clock (MHz) and power (W), and the share of samples under the software power cap, over
+    the `nvidia-smi --format=csv,noheader,nounits` lines of ClockLog.QUERY stamped in [start, end] (local
+    time, as time.time()); None when no sample falls there."""
+    samples = []
+    for line in lines:
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) != 4:
+            continue
+        try:
+            stamp = datetime.datetime.strptime(fields[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            samples.append((stamp, float(fields[1]), float(fields[2]), int(fields[3], 16)))
+        except ValueError:  # a partial last line, or "[N/A]"
+            continue
+    inside = [s for s in samples if start <= s[0] <= end]
+    if not inside:
+        return None
+    return {"samples": len(inside), "sm_clock_mhz": statistics.median(s[1] for s in inside),
+            "power_w": statistics.median(s[2] for s in inside),
+            "power_capped_share": sum(1 for s in inside if s[3] & ClockLog.SW_POWER_CAP) / len(inside)}
 
 
 def write_report(directory: str, name: str, report: dict, text: str) -> None:

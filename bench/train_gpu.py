@@ -139,7 +139,7 @@ def jax_worker(args) -> dict:
     import jax
 
     from bench import train_variants
-    from bench.common import trace_call
+    from bench.common import ClockLog, trace_call
 
     train_variants.apply(args.variant)
     from theworld_jax.train import loop
@@ -160,22 +160,27 @@ def jax_worker(args) -> dict:
     setup_s = time.perf_counter() - t0
     prepared = [loop.local_batch(run, s) for s in range(args.steps)]
     params, opt_state = state["params"], state["opt_state"]
-    times, dispatch, losses = [], [], []
-    for local, _ in prepared:
-        batch = loop.to_global(run.mesh, local)
-        t0 = time.perf_counter()
-        params, opt_state, out = run.train_step.step(params, opt_state, run.split.frozen, batch)
-        dispatch.append(time.perf_counter() - t0)
+    times, dispatch, losses, stamps = [], [], [], []
+    with ClockLog() as clocks:
+        for local, _ in prepared:
+            batch = loop.to_global(run.mesh, local)
+            stamps.append(time.time())
+            t0 = time.perf_counter()
+            params, opt_state, out = run.train_step.step(params, opt_state, run.split.frozen, batch)
+            dispatch.append(time.perf_counter() - t0)
+            jax.block_until_ready((params, out))
+            times.append(time.perf_counter() - t0)
+            losses.append(float(out["loss"]))
+        stamps.append(time.time())
+        placed = [loop.to_global(run.mesh, local) for local, _ in prepared]
+        jax.block_until_ready(placed)
+        window_start, t0 = time.time(), time.perf_counter()
+        for i in range(args.window):  # as the launcher runs: no synchronisation between steps
+            params, opt_state, out = run.train_step.step(params, opt_state, run.split.frozen, placed[i % len(placed)])
         jax.block_until_ready((params, out))
-        times.append(time.perf_counter() - t0)
-        losses.append(float(out["loss"]))
-    placed = [loop.to_global(run.mesh, local) for local, _ in prepared]
-    jax.block_until_ready(placed)
-    t0 = time.perf_counter()
-    for i in range(args.window):  # as the launcher runs: no synchronisation between steps
-        params, opt_state, out = run.train_step.step(params, opt_state, run.split.frozen, placed[i % len(placed)])
-    jax.block_until_ready((params, out))
-    window_step_s = (time.perf_counter() - t0) / max(args.window, 1)
+        window_step_s = (time.perf_counter() - t0) / max(args.window, 1)
+        clock = {"steps": clocks.summary(stamps[min(1, len(stamps) - 2)], stamps[-1]),
+                 "back_to_back": clocks.summary(window_start, time.time())}
     stats = jax.local_devices()[0].memory_stats() or {}
     local, tokens = prepared[0]
     world = run.theworld.num_world_tokens(1)
@@ -188,7 +193,7 @@ def jax_worker(args) -> dict:
               "keep": run.keep, "target_tokens_per_row": int(out["target_tokens"]) / args.batch,
               "trained_parameters": sum(int(np.prod(v.shape)) for v in params.values()),
               "compiles": run.train_step.compiles, "peak_memory_gib": stats.get("peak_bytes_in_use", 0) / 2 ** 30,
-              "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+              "clock": clock, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
     batch = loop.to_global(run.mesh, prepared[-1][0])
     trace_call(lambda: run.train_step.step(params, opt_state, run.split.frozen, batch), jax.block_until_ready,
                f"train_b{args.batch}_{args.remat}_{args.variant}")
@@ -205,6 +210,7 @@ def torch_worker(args, shape: dict) -> dict:
     import transformers
     from diffusers import AutoencoderKLWan
 
+    from bench.common import ClockLog
     from tests.helpers.theworld_reference import TorchWorldProjector
 
     torch.manual_seed(0)
@@ -266,25 +272,30 @@ def torch_worker(args, shape: dict) -> dict:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    for _ in range(args.steps):
+    times, losses, stamps = [], [], []
+    with ClockLog() as clocks:
+        for _ in range(args.steps):
+            sync()
+            stamps.append(time.time())
+            t0 = time.perf_counter()
+            losses.append(step().item())
+            sync()
+            times.append(time.perf_counter() - t0)
+        stamps.append(time.time())
         sync()
-        t0 = time.perf_counter()
-        losses.append(step().item())
+        window_start, t0 = time.time(), time.perf_counter()
+        for _ in range(args.window):  # no .item() between steps
+            step()
         sync()
-        times.append(time.perf_counter() - t0)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(args.window):  # no .item() between steps
-        step()
-    sync()
-    window_step_s = (time.perf_counter() - t0) / max(args.window, 1)
+        window_step_s = (time.perf_counter() - t0) / max(args.window, 1)
+        clock = {"steps": clocks.summary(stamps[min(1, len(stamps) - 2)], stamps[-1]),
+                 "back_to_back": clocks.summary(window_start, time.time())}
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else 0.0
     remat = "none" if args.remat == "none" else "gradient checkpointing"
     return {"side": "torch", "batch": b, "remat": remat, "first_step_s": times[0], "step_s": times[1:],
             "median_step_s": statistics.median(times[1:] or times), "losses": losses,
             "window_step_s": window_step_s if args.window else None, "fused_tokens_per_row": text_len + n_world + 2, "target_tokens_per_row": shape["targets"],
-            "peak_memory_gib": peak, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peak_memory_gib": peak, "clock": clock, "torch": torch.__version__, "transformers": transformers.__version__,
             "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"}
 
 
@@ -347,21 +358,30 @@ def markdown(report: dict) -> str:
              "compile + one step; MFU = model FLOPs / step time / "
              f"{report['peak_flops'] / 1e12 if report['peak_flops'] else 'n/a'} TFLOP/s dense bf16. "
              "Back-to-back = --window more steps dispatched without a synchronisation between them (as a training "
-             "loop runs them: the host's dispatch overlaps the device's work), total time / steps.", "",
+             "loop runs them: the host's dispatch overlaps the device's work), total time / steps. SM clock = "
+             "median of nvidia-smi's 100 ms samples over the timed steps / the back-to-back ones, with the share "
+             "of samples under the software power cap.", "",
              "| side | batch | remat | step (ms) | tokens/s | back-to-back step (ms) | tokens/s | MFU | "
-             "peak memory (GiB) | first step (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "peak memory (GiB) | first step (s) | SM clock (MHz; power-capped) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         if "error" in r:
-            lines.append(f"| {_side(r)} | {r['batch']} | {r['remat']} | error: {r['error'][:160]} | | | | | | |")
+            lines.append(f"| {_side(r)} | {r['batch']} | {r['remat']} | error: {r['error'][:160]} | | | | | | | |")
             continue
         mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") is not None else "n/a"
         window = (f"{1000 * r['window_step_s']:.1f} | {r['window_tokens_per_s']:,.0f}" if r.get("window_step_s")
                   else "n/a | n/a")
         lines.append(f"| {_side(r)} | {r['batch']} | {r['remat']} | {1000 * r['median_step_s']:.1f} | "
                      f"{r['tokens_per_s']:,.0f} | {window} | {mfu} | {r['peak_memory_gib']:.1f} | "
-                     f"{r['first_step_s']:.1f} |")
+                     f"{r['first_step_s']:.1f} | {_clock(r.get('clock'))} |")
     return "\n".join(lines + summary_lines(report["runs"])) + "\n"
+
+
+def _clock(clock: dict | None) -> str:
+    """'1,665 (100 %) / 1,650 (100 %)': the timed steps' and the back-to-back steps' clock summaries."""
+    parts = [f"{c['sm_clock_mhz']:,.0f} ({100 * c['power_capped_share']:.0f} %)" if c else "n/a"
+             for c in ((clock or {}).get("steps"), (clock or {}).get("back_to_back"))]
+    return " / ".join(parts)
 
 
 def summary_lines(runs: list[dict]) -> list[str]:
