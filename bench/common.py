@@ -24,8 +24,9 @@ def log(message: str) -> None:
 
 class ClockLog:
     """The GPU's SM clock, power draw and throttle reasons, sampled by `nvidia-smi` every `interval_ms` in
-    the background while the context is open. `summary(start, end)` describes the samples between two
-    `time.time()` stamps. Without nvidia-smi (CPU runs) nothing is sampled and every summary is None.
+    the background while the context is open. `summary(start, end)`, inside the context, describes the
+    samples between two `time.time()` stamps; leaving the context stops nvidia-smi and deletes its log.
+    Without nvidia-smi (CPU runs) nothing is sampled and every summary is None.
 
     The sixteenth session found the training step at the H200's 700 W limit, its SM clock 16-22 % below the
     top one (bench/results/train_gpu.md): step times from different calls compare only with their clocks."""
@@ -49,6 +50,8 @@ class ClockLog:
         if self._process is not None:
             self._process.terminate()
             self._process.wait()
+            self._file.close()  # a NamedTemporaryFile: closing deletes it
+            self._process = self._file = None
 
     def summary(self, start: float, end: float) -> dict | None:
         if self._file is None:
